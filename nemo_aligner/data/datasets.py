@@ -1,0 +1,207 @@
+"""JSONL datasets with eager validation, and the SFT collate function.
+
+Every dataset reads its whole file in the constructor and raises :class:`DataError`
+(``"{path}:{line_no}: {what is wrong}; {how to fix}"``) on the first bad line, so a run
+fails before it writes anything.
+"""
+
+import json
+
+import torch
+
+from nemo_aligner.data.errors import DataError
+from nemo_aligner.data.templates import DEFAULT_PROMPT_TEMPLATE, check_prompt_template, render_chat_segments, render_prompt
+from nemo_aligner.data.tokenizers import Tokenizer
+
+__all__ = ["DataError", "read_jsonl", "SFTDataset", "sft_collate", "make_padding_sample"]
+
+TRUNCATION_POLICIES = ("error", "truncate", "drop")
+_SFT_FIELDS_HINT = "SFT lines need 'input' and 'output', or 'conversations'"
+
+
+def read_jsonl(path: str) -> list[tuple[int, dict]]:
+    """``[(line_no, object), ...]`` for every non-blank line of ``path`` (line numbers 1-based).
+
+    Raises ``FileNotFoundError`` for a missing file and :class:`DataError` for a line that is
+    not UTF-8, not JSON, or not a JSON object, and for a file without any sample.
+    """
+    path = str(path)
+    samples = []
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: data file not found; check the path in model.data.data_prefix") from None
+    with f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{line_no}: not valid UTF-8; save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg}, column {e.colno}); each line must be one JSON object") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}; each line must be one JSON object")
+            samples.append((line_no, obj))
+    if not samples:
+        raise DataError(f"{path}:1: file has no samples (it is empty or blank); point the data path at a JSONL file with one JSON object per line")
+    return samples
+
+
+def sft_segments(sample: dict, prompt_template: str) -> list[tuple[str, bool]]:
+    """``[(text, is_loss), ...]`` of one SFT line: chat if it has ``conversations`` (or
+    ``messages``), else ``[(prompt, False), (output, True)]``. Raises ``ValueError``."""
+    if "conversations" in sample or "messages" in sample:
+        return render_chat_segments(sample)
+    for field in ("input", "output"):
+        if field not in sample:
+            raise ValueError(f"missing field '{field}' ({_SFT_FIELDS_HINT})")
+        if not isinstance(sample[field], str):
+            raise ValueError(f"field '{field}' must be a string, got {type(sample[field]).__name__}")
+    return [(render_prompt(prompt_template, sample["input"]), False), (sample["output"], True)]
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """Supervised fine-tuning samples, tokenized at construction.
+
+    A sample is ``[bos]? + prompt + response + [eos]?`` (``ids``, length ``n``) with a
+    ``mask`` that is 1 on response tokens (chat: assistant turns) and on the EOS that ends
+    a response. ``n`` counts BOS/EOS and must be ``<= max_seq_length``; longer samples
+    follow ``truncation``:
+
+    - ``"error"``: raise :class:`DataError` naming the line, the length and the limit;
+    - ``"truncate"``: keep the first ``max_seq_length`` tokens (dropped when no trained
+      token is left), counted in ``num_truncated``;
+    - ``"drop"``: skip the sample, counted in ``num_dropped``.
+
+    ``dataset[i]`` is already shifted for next-token prediction, each a 1-D LongTensor of
+    length ``n - 1``: ``tokens = ids[:-1]``, ``labels = ids[1:]``, ``loss_mask = mask[1:]``,
+    ``position_ids = arange(n - 1)``. ``lengths[i]`` is ``n - 1``.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        tokenizer: Tokenizer,
+        max_seq_length: int,
+        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        truncation: str = "error",
+        add_bos: bool = False,
+        add_eos: bool = True,
+    ):
+        if truncation not in TRUNCATION_POLICIES:
+            raise ValueError(f"truncation={truncation!r}; use one of {TRUNCATION_POLICIES}")
+        if add_bos and tokenizer.bos_id is None:
+            raise ValueError("add_bos=True but the tokenizer has no BOS token; set add_bos=False")
+        if add_eos and tokenizer.eos_id is None:
+            raise ValueError("add_eos=True but the tokenizer has no EOS token; set add_eos=False")
+        check_prompt_template(prompt_template)
+        self.path = str(path)
+        self.max_seq_length = max_seq_length
+        self.num_truncated = 0
+        self.num_dropped = 0
+        self._ids: list[torch.Tensor] = []
+        self._masks: list[torch.Tensor] = []
+        for line_no, sample in read_jsonl(self.path):
+            where = f"{self.path}:{line_no}"
+            try:
+                segments = sft_segments(sample, prompt_template)
+            except ValueError as e:
+                raise DataError(f"{where}: {e}") from None
+            ids = [tokenizer.bos_id] if add_bos else []
+            mask = [0] * len(ids)
+            for text, is_loss in segments:
+                piece = tokenizer.text_to_ids(text)
+                ids += piece
+                mask += [int(is_loss)] * len(piece)
+            if add_eos:
+                ids.append(tokenizer.eos_id)
+                mask.append(int(segments[-1][1]))
+            if not any(mask[1:]):
+                raise DataError(f"{where}: nothing to train on (no response token after the first token); give the sample a non-empty response")
+            if len(ids) > max_seq_length:
+                if truncation == "error":
+                    raise DataError(
+                        f"{where}: sample has {len(ids)} tokens, more than max_seq_length {max_seq_length}; "
+                        "raise max_seq_length or set model.data.truncation=truncate or model.data.truncation=drop"
+                    )
+                if truncation == "drop" or not any(mask[1:max_seq_length]):
+                    self.num_dropped += 1
+                    continue
+                ids, mask = ids[:max_seq_length], mask[:max_seq_length]
+                self.num_truncated += 1
+            self._ids.append(torch.tensor(ids, dtype=torch.long))
+            self._masks.append(torch.tensor(mask, dtype=torch.long))
+        if not self._ids:
+            raise DataError(
+                f"{self.path}:1: no samples left: all {self.num_dropped} are longer than max_seq_length {max_seq_length}; "
+                "raise max_seq_length or set model.data.truncation=truncate"
+            )
+        self.lengths = [len(ids) - 1 for ids in self._ids]
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids, mask = self._ids[i], self._masks[i]
+        return {
+            "tokens": ids[:-1],
+            "labels": ids[1:],
+            "loss_mask": mask[1:],
+            "position_ids": torch.arange(len(ids) - 1),
+        }
+
+
+def sft_collate(samples: list[dict], pad_id: int, pad_to_multiple_of: int = 1, pad_to: int | None = None) -> dict:
+    """Batch samples to ``[b, s]`` tensors, right-padded.
+
+    ``s`` is the longest sample (at least ``pad_to``) rounded up to ``pad_to_multiple_of``.
+    Padding: ``tokens``/``labels`` with ``pad_id``, ``loss_mask`` and ``position_ids`` with 0.
+
+    Packed samples (those with ``seq_lens``, see :mod:`nemo_aligner.data.packing`) also give
+    ``cu_seqlens``, an int32 tensor of segment boundaries over the row-major flattened
+    batch (``b * s`` tokens): every packed sample is a segment, and so is each row's padding
+    tail; ``cu_seqlens[0] = 0`` and ``cu_seqlens[-1] = b * s``. ``max_seqlen`` is the longest
+    segment. Mixing packed and unpacked samples is an error.
+    """
+    lengths = [len(x["tokens"]) for x in samples]
+    seq_len = max(lengths)
+    if pad_to is not None:
+        if pad_to < seq_len:
+            raise ValueError(f"pad_to={pad_to} is shorter than the longest sample ({seq_len} tokens)")
+        seq_len = pad_to
+    seq_len = -(-seq_len // pad_to_multiple_of) * pad_to_multiple_of
+
+    batch = {}
+    for key, fill in (("tokens", pad_id), ("labels", pad_id), ("loss_mask", 0), ("position_ids", 0)):
+        out = torch.full((len(samples), seq_len), fill, dtype=torch.long)
+        for row, x in enumerate(samples):
+            out[row, : len(x[key])] = x[key]
+        batch[key] = out
+
+    packed = ["seq_lens" in x for x in samples]
+    if any(packed):
+        if not all(packed):
+            raise ValueError("cannot collate packed and unpacked samples together")
+        boundaries = [0]
+        for row, (x, n) in enumerate(zip(samples, lengths)):
+            for seg_len in x["seq_lens"].tolist():
+                boundaries.append(boundaries[-1] + seg_len)
+            if n < seq_len:
+                boundaries.append((row + 1) * seq_len)
+        cu_seqlens = torch.tensor(boundaries, dtype=torch.int32)
+        batch["cu_seqlens"] = cu_seqlens
+        batch["max_seqlen"] = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return batch
+
+
+def make_padding_sample(like_sample: dict) -> dict:
+    """A copy of ``like_sample`` with ``loss_mask`` all zero: a filler that contributes
+    nothing to the loss, used to give every data-parallel rank the same number of
+    micro-batches in a final partial batch."""
+    sample = {key: value.clone() for key, value in like_sample.items()}
+    sample["loss_mask"] = torch.zeros_like(sample["loss_mask"])
+    return sample

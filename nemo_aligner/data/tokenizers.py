@@ -1,0 +1,150 @@
+"""Tokenizers: one small interface over SentencePiece and Hugging Face ``tokenizers``.
+
+Contract shared by every implementation:
+
+- ``text_to_ids(text)`` never adds BOS/EOS; callers add them explicitly.
+- ``ids_to_text(ids)`` drops the BOS, EOS and PAD ids before decoding.
+- ``bos_id`` / ``eos_id`` are ``None`` when the tokenizer has no such token;
+  ``pad_id`` falls back to ``eos_id`` when there is no pad token.
+"""
+
+import abc
+import json
+import os
+
+import sentencepiece
+import tokenizers
+
+
+class Tokenizer(abc.ABC):
+    """Abstract tokenizer; see the module docstring for the contract."""
+
+    @abc.abstractmethod
+    def text_to_ids(self, text: str) -> list[int]:
+        """Token ids of ``text``, without BOS/EOS."""
+
+    @abc.abstractmethod
+    def _decode(self, ids: list[int]) -> str:
+        """Decode ``ids`` verbatim."""
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included."""
+
+    bos_id: int | None
+    eos_id: int | None
+    _pad_id: int | None
+
+    @property
+    def pad_id(self) -> int | None:
+        """The pad token's id, or ``eos_id`` when there is no pad token."""
+        return self.eos_id if self._pad_id is None else self._pad_id
+
+    def ids_to_text(self, ids: list[int]) -> str:
+        """Decode ``ids``, skipping BOS, EOS and PAD."""
+        special = {self.bos_id, self.eos_id, self.pad_id}
+        return self._decode([int(i) for i in ids if int(i) not in special])
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece ``.model`` file; BOS/EOS/PAD are the model's own (``None`` if disabled)."""
+
+    def __init__(self, model_path: str):
+        self.model_path = str(model_path)
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=self.model_path)
+        self.bos_id = _none_if_negative(self._sp.bos_id())
+        self.eos_id = _none_if_negative(self._sp.eos_id())
+        self._pad_id = _none_if_negative(self._sp.pad_id())
+
+    def text_to_ids(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._sp.decode(ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizer.json`` (given as the file or the directory holding it).
+
+    BOS/EOS/PAD tokens come from a sibling ``tokenizer_config.json`` (keys ``bos_token``,
+    ``eos_token``, ``pad_token``; a string or ``{"content": ...}``) when it names them,
+    otherwise from the first common token found in the vocabulary (``<s>``, ``</s>``,
+    ``<|endoftext|>``, ``<pad>``, ...).
+    """
+
+    _COMMON_TOKENS = {
+        "bos": ("<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>"),
+        "eos": ("</s>", "<eos>", "<|endoftext|>", "<|end_of_text|>"),
+        "pad": ("<pad>", "<|pad|>", "[PAD]"),
+    }
+
+    def __init__(self, path: str):
+        path = str(path)
+        self.path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        self._tok = tokenizers.Tokenizer.from_file(self.path)
+        configured = self._read_config(os.path.join(os.path.dirname(self.path), "tokenizer_config.json"))
+        ids = {}
+        for kind, candidates in self._COMMON_TOKENS.items():
+            token = configured.get(kind)
+            if token is not None:
+                ids[kind] = self._tok.token_to_id(token)
+                if ids[kind] is None:
+                    raise ValueError(f"tokenizer_config.json next to {self.path}: {kind}_token {token!r} is not in the vocabulary")
+            else:
+                ids[kind] = next((i for i in map(self._tok.token_to_id, candidates) if i is not None), None)
+        self.bos_id, self.eos_id, self._pad_id = ids["bos"], ids["eos"], ids["pad"]
+
+    @staticmethod
+    def _read_config(config_path: str) -> dict:
+        """``{"bos"|"eos"|"pad": token string}`` for the tokens the config names."""
+        if not os.path.isfile(config_path):
+            return {}
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+        tokens = {}
+        for kind in ("bos", "eos", "pad"):
+            value = config.get(f"{kind}_token")
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, str):
+                tokens[kind] = value
+        return tokens
+
+    def text_to_ids(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """Load a tokenizer from a SentencePiece ``.model`` file, a ``tokenizer.json`` file, or a
+    directory containing ``tokenizer.json`` (preferred) or ``tokenizer.model``."""
+    path = str(path)
+    if os.path.isdir(path):
+        for name, cls in (("tokenizer.json", HFTokenizer), ("tokenizer.model", SentencePieceTokenizer)):
+            if os.path.isfile(os.path.join(path, name)):
+                return cls(os.path.join(path, name))
+    elif os.path.isfile(path):
+        if path.endswith(".model"):
+            return SentencePieceTokenizer(path)
+        if path.endswith(".json"):
+            return HFTokenizer(path)
+        raise ValueError(f"tokenizer {path}: unknown file type; expected a SentencePiece .model file or a tokenizer.json")
+    raise FileNotFoundError(
+        f"tokenizer not found at {path}: expected a SentencePiece .model file, a tokenizer.json, "
+        "or a directory containing tokenizer.json or tokenizer.model"
+    )
+
+
+def _none_if_negative(token_id: int) -> int | None:
+    return None if token_id < 0 else token_id

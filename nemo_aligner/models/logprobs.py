@@ -1,0 +1,60 @@
+"""Per-token log-probabilities and entropy from vocab-parallel logits.
+
+Under tensor parallelism each rank holds logits for a slice of the vocabulary
+(``[..., V / tp]``). Both functions reduce over the vocabulary with three all-reduces of
+``[...]``-shaped tensors (max, sum of exponentials, one more sum); the full-vocabulary
+logits are never gathered, so the result is exact and memory stays at one
+vocabulary-slice-sized buffer.
+
+    log p(y_t) = z_t[y_t] - log sum_v exp(z_t[v])
+    H_t       = log Z_t - sum_v p_t[v] z_t[v]
+"""
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+
+def token_logprobs(vocab_parallel_logits: torch.Tensor, target: torch.Tensor, inplace: bool = False):
+    """``log p(target)`` for each position, in float32, differentiable.
+
+    ``vocab_parallel_logits``: ``[..., V/tp]``; ``target``: ``[...]`` with global vocab ids.
+    Megatron's kernel shifts float32 logits in place to save memory; unless
+    ``inplace=True`` the logits are cloned first so the caller's tensor is unchanged.
+    """
+    if vocab_parallel_logits.dtype == torch.float32 and not inplace:
+        vocab_parallel_logits = vocab_parallel_logits.clone()
+    return -vocab_parallel_cross_entropy(vocab_parallel_logits, target)
+
+
+class _VocabParallelEntropy(torch.autograd.Function):
+    """H = log Z - sum_v p_v z_v; dH/dz_v = -p_v (z_v - sum_u p_u z_u)."""
+
+    @staticmethod
+    def forward(ctx, logits, group):
+        z = logits.float()
+        z_max = z.max(dim=-1).values
+        dist.all_reduce(z_max, op=dist.ReduceOp.MAX, group=group)
+        z = z - z_max.unsqueeze(-1)
+        exp_z = z.exp()
+        sum_exp = exp_z.sum(dim=-1)
+        dist.all_reduce(sum_exp, group=group)
+        p = exp_z.div_(sum_exp.unsqueeze(-1))
+        p_dot_z = (p * z).sum(dim=-1)
+        dist.all_reduce(p_dot_z, group=group)
+        ctx.save_for_backward(p, z, p_dot_z)
+        ctx.input_dtype = logits.dtype
+        return sum_exp.log() - p_dot_z
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        p, z, p_dot_z = ctx.saved_tensors
+        grad = -p * (z - p_dot_z.unsqueeze(-1)) * grad_out.unsqueeze(-1)
+        return grad.to(ctx.input_dtype), None
+
+
+def token_entropy(vocab_parallel_logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the next-token distribution at each position, ``[...]``, float32."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    return _VocabParallelEntropy.apply(vocab_parallel_logits, group)

@@ -1,0 +1,96 @@
+"""Run Megatron-Core on machines without CUDA.
+
+Megatron-Core assumes a GPU in a handful of places that have nothing to do with the
+math: scratch tensors created with ``device="cuda"`` (pipeline schedules, DDP buffers,
+gradient-norm reductions), ``torch.cuda.current_device()`` used as a device, and one
+assertion that gradients are CUDA tensors before clipping. This module answers those
+places on CPU and nowhere else:
+
+- :func:`install` (process-wide, idempotent, only when CUDA is unavailable) makes
+  ``torch.cuda.current_device()`` return ``"cpu"`` (RoPE and buffers ask for it) and
+  ``torch.cuda.synchronize()`` a no-op (pipeline p2p calls it).
+- :func:`cuda_on_cpu` is a context manager that maps ``device="cuda"`` to CPU, makes
+  ``Tensor.cuda()`` a no-op and reports CPU tensor types under their CUDA names (the
+  optimizers check ``param.type()`` and ``grad.type()`` against ``torch.cuda.*``). It intercepts every torch call while active, so callers
+  enter it only around Megatron calls that create CUDA scratch tensors (schedules,
+  DDP construction, the optimizer step), never around a model forward on its own.
+
+On a CUDA machine both are no-ops.
+"""
+
+import contextlib
+import functools
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_installed = False
+
+
+def needs_cpu_support() -> bool:
+    return not torch.cuda.is_available()
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int)  # a bare ordinal means a CUDA device
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Redirects CUDA placement requests to CPU for the duration of the mode."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Megatron's optimizers accept only "torch.cuda.*Tensor" type names.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = dict(kwargs, device="cpu")
+        if func in (torch.Tensor.to,) and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu") + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_on_cpu():
+    """Within this block, tensors requested on CUDA are made on CPU (no-op with CUDA)."""
+    if not needs_cpu_support():
+        yield
+        return
+    with _CudaToCpuMode():
+        yield
+
+
+def _current_device_cpu():
+    return "cpu"
+
+
+def _synchronize_nothing(device=None):
+    """CPU work is synchronous; pipeline p2p calls this after every send/recv."""
+
+
+def install() -> None:
+    """Patch the CUDA-only spots Megatron-Core reaches outside of :func:`cuda_on_cpu`."""
+    global _installed
+    if _installed or not needs_cpu_support():
+        return
+    torch.cuda.current_device = _current_device_cpu
+    torch.cuda.synchronize = _synchronize_nothing
+    _installed = True
+
+
+def on_cpu_if_needed(fn):
+    """Decorator: run ``fn`` inside :func:`cuda_on_cpu`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with cuda_on_cpu():
+            return fn(*args, **kwargs)
+
+    return wrapper

@@ -1,0 +1,153 @@
+"""Process-group and model-parallel setup.
+
+``initialize`` works under ``torchrun``/``srun`` (reads RANK/WORLD_SIZE/LOCAL_RANK, or
+SLURM_* variables) and in a plain single process (it makes a world of one on a free
+loopback port). The backend is nccl when CUDA is available, gloo otherwise.
+"""
+
+import os
+import random
+import socket
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from nemo_aligner.utils import cpu_support
+
+
+class ParallelConfigError(ValueError):
+    """A parallel layout that cannot be built on this world size or model."""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env_from_slurm() -> None:
+    """Map Slurm's task variables onto torch's when launched by ``srun`` directly."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_ADDR" not in os.environ:
+        nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+        os.environ["MASTER_ADDR"] = nodelist.split(",")[0].split("[")[0] or "127.0.0.1"
+
+
+def validate_parallel_layout(world_size: int, tp: int, pp: int, num_layers: int | None = None):
+    """Raise ParallelConfigError with the fix when TP/PP cannot tile the world or the model."""
+    if tp < 1 or pp < 1:
+        raise ParallelConfigError(
+            f"tensor_model_parallel_size={tp} and pipeline_model_parallel_size={pp} must be >= 1"
+        )
+    if world_size % (tp * pp) != 0:
+        raise ParallelConfigError(
+            f"world size {world_size} is not divisible by tensor_model_parallel_size ({tp}) x "
+            f"pipeline_model_parallel_size ({pp}); launch a multiple of {tp * pp} processes"
+        )
+    if num_layers is not None and num_layers % pp != 0:
+        raise ParallelConfigError(
+            f"model.num_layers={num_layers} is not divisible by pipeline_model_parallel_size={pp}; "
+            "choose a pipeline size that divides the layer count"
+        )
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (and Megatron's CUDA RNG tracker on GPU)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available() and parallel_state.model_parallel_is_initialized():
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
+
+
+def initialize(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    backend: str | None = None,
+    seed: int = 1234,
+    num_layers: int | None = None,
+) -> None:
+    """Start torch.distributed (if needed) and Megatron's model-parallel groups.
+
+    Re-initializing with a different layout destroys the previous model-parallel groups.
+    """
+    _env_from_slurm()
+    if "RANK" not in os.environ:
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+        )
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    world_size = int(os.environ["WORLD_SIZE"])
+    validate_parallel_layout(
+        world_size, tensor_model_parallel_size, pipeline_model_parallel_size, num_layers
+    )
+
+    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    if backend is None:
+        backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    cpu_support.install()
+
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend, rank=int(os.environ["RANK"]), world_size=world_size
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+    )
+    set_seed(seed)
+
+
+def is_initialized() -> bool:
+    return dist.is_initialized() and parallel_state.model_parallel_is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_global_rank_zero() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Broadcast a picklable object from ``src`` to every rank (trusted, in-process data)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def all_reduce_scalar(value: float, op=dist.ReduceOp.SUM, group=None) -> float:
+    if not dist.is_initialized():
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t, op=op, group=group)
+    return float(t.item())
+
+
+def destroy() -> None:
+    """Tear down model-parallel groups and the process group (for tests and re-init)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,113 @@
+"""Megatron DDP, optimizer and LR schedule from ``model.optim.*``.
+
+Config (NeMo conventions)::
+
+    model.optim:
+      name: adam            # adam | sgd
+      lr: 1e-4
+      weight_decay: 0.0
+      betas: [0.9, 0.98]
+      eps: 1e-8
+      use_distributed_optimizer: true
+      sched:
+        name: CosineAnnealing   # CosineAnnealing | Constant | Linear
+        warmup_steps: 10
+        min_lr: 1e-5
+        max_steps: null         # defaults to the trainer's max_steps
+
+Gradient clipping comes from ``trainer.<algo>.gradient_clip_val``.
+"""
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from nemo_aligner.utils.config import cfg_get
+from nemo_aligner.utils.cpu_support import cuda_on_cpu
+
+SCHEDULES = {"cosineannealing": "cosine", "cosine": "cosine", "constant": "constant", "linear": "linear"}
+
+
+def wrap_ddp(model, model_cfg):
+    """Wrap a model chunk in Megatron's DDP (grad buffers, optional distributed optimizer)."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=bool(cfg_get(model_cfg, "optim.use_distributed_optimizer", True)),
+        check_for_nan_in_grad=False,
+        bucket_size=None,
+    )
+    with cuda_on_cpu():
+        ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    ddp.config.finalize_model_grads_func = finalize_model_grads
+    ddp.config.no_sync_func = ddp.no_sync
+    ddp.config.grad_sync_func = None
+    return ddp
+
+
+def build_optimizer(model_chunks, model_cfg, gradient_clip_val: float = 0.0):
+    optim = cfg_get(model_cfg, "optim", {}) or {}
+    name = str(optim.get("name", "adam")).lower()
+    if name in ("adam", "adamw", "fused_adam", "distributed_fused_adam"):
+        name = "adam"
+    elif name != "sgd":
+        raise ValueError(f"model.optim.name={name!r} is not supported; use adam or sgd")
+    betas = optim.get("betas", [0.9, 0.98])
+    config = model_chunks[0].config
+    opt_config = OptimizerConfig(
+        optimizer=name,
+        lr=float(optim.get("lr", 1e-4)),
+        min_lr=float((optim.get("sched") or {}).get("min_lr", 0.0)),
+        weight_decay=float(optim.get("weight_decay", 0.0)),
+        adam_beta1=float(betas[0]),
+        adam_beta2=float(betas[1]),
+        adam_eps=float(optim.get("eps", 1e-8)),
+        sgd_momentum=float(optim.get("momentum", 0.9)),
+        clip_grad=float(gradient_clip_val or 0.0),
+        bf16=config.bf16,
+        fp16=config.fp16,
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=bool(optim.get("use_distributed_optimizer", True)),
+    )
+    with cuda_on_cpu():
+        return get_megatron_optimizer(opt_config, model_chunks)
+
+
+def build_scheduler(optimizer, model_cfg, max_steps: int):
+    optim = cfg_get(model_cfg, "optim", {}) or {}
+    sched = optim.get("sched") or {}
+    style = SCHEDULES.get(str(sched.get("name", "CosineAnnealing")).lower())
+    if style is None:
+        raise ValueError(
+            f"model.optim.sched.name={sched.get('name')!r}; choose CosineAnnealing, Constant or Linear"
+        )
+    lr = float(optim.get("lr", 1e-4))
+    decay_steps = int(sched.get("max_steps") or max_steps)
+    warmup = int(sched.get("warmup_steps", 0))
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup > 0 else lr,
+        max_lr=lr,
+        min_lr=float(sched.get("min_lr", 0.0)) if style != "constant" else lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(decay_steps, warmup + 1),
+        lr_decay_style=style,
+        start_wd=float(optim.get("weight_decay", 0.0)),
+        end_wd=float(optim.get("weight_decay", 0.0)),
+        wd_incr_steps=max(decay_steps, 1),
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
+    )
+
+
+def optimizer_step(optimizer, scheduler):
+    """One optimizer step (+ LR schedule step); returns (grad_norm, lr)."""
+    with cuda_on_cpu():
+        success, grad_norm, _ = optimizer.step()
+    if success:
+        scheduler.step(increment=1)
+    lr = optimizer.param_groups[0]["lr"]
+    return (float(grad_norm) if grad_norm is not None else float("nan")), lr
