@@ -17,7 +17,11 @@ import tokenizers
 
 
 class Tokenizer(abc.ABC):
-    """Abstract tokenizer; see the module docstring for the contract."""
+    """Abstract tokenizer; see the module docstring for the contract.
+
+    Subclasses implement ``text_to_ids``, ``_decode`` (verbatim decoding) and ``vocab_size``,
+    and set ``bos_id``, ``eos_id`` and ``_pad_id`` (``None`` where the token does not exist).
+    """
 
     @abc.abstractmethod
     def text_to_ids(self, text: str) -> list[int]:

@@ -1,0 +1,298 @@
+"""Checkpoints with Megatron ``dist_checkpointing``: atomic, resumable, reshardable.
+
+A checkpoint is one directory::
+
+    <name>/
+      metadata.json, common.pt, *.distcp   model (+ optimizer) shards, dist_checkpointing format
+      trainer_state.json                   step, consumed_samples, epoch, scheduler, metrics
+      model_config.yaml                    the ``model.*`` config it was trained with
+      tokenizer/                           the tokenizer files, when known
+
+Writes go to ``<name>.tmp-<pid>`` and are renamed into place after every rank has
+finished, so a crash mid-save leaves the previous checkpoints intact. Loading at another
+TP/PP layout works because ``dist_checkpointing`` stores global tensors; the optimizer
+state is saved in the fully reshardable format for the same reason. Per-rank RNG states
+are saved as sharded objects so that resuming continues the same random streams.
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from omegaconf import OmegaConf
+
+from nemo_aligner.utils.cpu_support import cuda_on_cpu
+from nemo_aligner.utils.distributed import barrier, broadcast_object, is_global_rank_zero
+
+TRAINER_STATE = "trainer_state.json"
+MODEL_CONFIG = "model_config.yaml"
+OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, or does not match the model."""
+
+
+def is_checkpoint(path) -> bool:
+    """True for a directory written by :func:`save_checkpoint`."""
+    p = Path(path)
+    return p.is_dir() and (p / "metadata.json").is_file() and (p / MODEL_CONFIG).is_file()
+
+
+def _unwrap(chunk):
+    return getattr(chunk, "module", chunk)
+
+
+def _model_sharded_state_dict(model_chunks):
+    if len(model_chunks) != 1:
+        raise NotImplementedError("virtual pipeline (several model chunks) is not supported")
+    return _unwrap(model_chunks[0]).sharded_state_dict()
+
+
+def _layout() -> list[int]:
+    ps = parallel_state
+    return [
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_data_parallel_world_size(),
+    ]
+
+
+def _rng_sharded_object(state=None):
+    """This rank's RNG state as a ShardedObject indexed by (pp, tp, dp) rank."""
+    ps = parallel_state
+    pp, tp, dp = (
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_data_parallel_rank(),
+    )
+    shape = (
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_data_parallel_world_size(),
+    )
+    if state is None:
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        }
+    return ShardedObject("rng_state", state, shape, (pp, tp, dp), replica_id=0)
+
+
+def _restore_rng(state) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(
+    path,
+    model_chunks,
+    model_cfg,
+    optimizer=None,
+    trainer_state: dict | None = None,
+    tokenizer_dir=None,
+) -> Path:
+    """Write a checkpoint atomically (collective: every rank must call it)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{broadcast_object(os.getpid())}")
+    if is_global_rank_zero():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    sharded = {"model": _model_sharded_state_dict(model_chunks)}
+    if optimizer is not None:
+        with cuda_on_cpu():
+            sharded["optimizer"] = optimizer.sharded_state_dict(
+                sharded["model"], is_loading=False, metadata=OPTIM_SHARDING
+            )
+        sharded["rng_state"] = _rng_sharded_object()
+    with cuda_on_cpu():
+        dist_checkpointing.save(sharded, str(tmp))
+    if is_global_rank_zero():
+        state = dict(
+            trainer_state or {}, has_optimizer_state=optimizer is not None, layout_pp_tp_dp=_layout()
+        )
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+        OmegaConf.save(OmegaConf.create(model_cfg), tmp / MODEL_CONFIG)
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    barrier()
+    return path
+
+
+def _copy_provided_optimizer_states(self, model_param, tensors):
+    """Copy the loaded main param and moments into the optimizer, key by key as provided.
+
+    Megatron's version copies every key of the live state, including torch Adam's "step",
+    which the fully reshardable format restores separately (from ``param_groups``) and
+    does not pass here, so loading fails without apex / Transformer Engine.
+    """
+    group_index, group_order = self.model_param_group_index_map[model_param]
+    main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+    dst = {"param": main_param, **self.optimizer.state[main_param]}
+    for key, value in tensors.items():
+        dst[key].copy_(value)
+
+
+def _patch_reshardable_optimizer_loading() -> None:
+    from megatron.core.optimizer import distrib_optimizer as mod
+
+    if mod.HAVE_APEX_OR_TE or getattr(mod.DistributedOptimizer, "_nemo_aligner_patched", False):
+        return
+    original = mod.DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def patched(self, model_param, tensors):
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original(self, model_param, tensors)
+        return _copy_provided_optimizer_states(self, model_param, tensors)
+
+    mod.DistributedOptimizer._set_main_param_and_optimizer_states = patched
+    mod.DistributedOptimizer._nemo_aligner_patched = True
+
+
+def _prepare_optimizer_for_loading(optimizer) -> None:
+    """Give a fresh distributed optimizer placeholder state to load into.
+
+    Without apex/Transformer Engine, Megatron's ``DistributedOptimizer.state_dict()`` reads
+    the step count from the inner optimizer's state, which does not exist before the first
+    step; Megatron's own placeholder initialization runs too late on that path.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    _patch_reshardable_optimizer_loading()
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def load_checkpoint(path, model_chunks, optimizer=None, strict=True) -> dict:
+    """Load model (and optimizer + RNG when given) from ``path``; returns the trainer state.
+
+    Works at any TP/PP layout. With ``optimizer`` set, the checkpoint must carry optimizer
+    state (a training checkpoint, not an exported final model).
+    """
+    path = Path(path)
+    if not is_checkpoint(path):
+        raise CheckpointError(
+            f"{path} is not a checkpoint (no metadata.json / {MODEL_CONFIG}); "
+            "point to a directory written by training"
+        )
+    trainer_state = read_trainer_state(path)
+    if optimizer is not None and not trainer_state.get("has_optimizer_state", False):
+        raise CheckpointError(
+            f"{path} holds no optimizer state (an exported model); start a new run from it "
+            "with pretrained_checkpoint.restore_from_path instead of resuming"
+        )
+    # RNG streams are per rank: they carry over only to the same parallel layout.
+    same_layout = trainer_state.get("layout_pp_tp_dp") == _layout()
+    sharded = {"model": _model_sharded_state_dict(model_chunks)}
+    if optimizer is not None:
+        with cuda_on_cpu():
+            _prepare_optimizer_for_loading(optimizer)
+            sharded["optimizer"] = optimizer.sharded_state_dict(
+                sharded["model"], is_loading=True, metadata=OPTIM_SHARDING
+            )
+        if same_layout:
+            sharded["rng_state"] = _rng_sharded_object()
+    with cuda_on_cpu():
+        # Unexpected keys are fine: a model-only load ignores the optimizer state.
+        state = dist_checkpointing.load(sharded, str(path), strict="assume_ok_unexpected")
+    _unwrap(model_chunks[0]).load_state_dict(state["model"], strict=strict)
+    if optimizer is not None:
+        with cuda_on_cpu():
+            optimizer.load_state_dict(state["optimizer"])
+        if same_layout:
+            _restore_rng(state["rng_state"])
+    return trainer_state
+
+
+def has_optimizer_state(path) -> bool:
+    """True for a training checkpoint, False for an exported final model."""
+    return bool(read_trainer_state(path).get("has_optimizer_state", False))
+
+
+def read_trainer_state(path) -> dict:
+    f = Path(path) / TRAINER_STATE
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def read_model_config(path) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(Path(path) / MODEL_CONFIG), resolve=True)
+
+
+def checkpoint_name(step: int, metric_name: str | None = None, metric=None) -> str:
+    name = f"step={step:07d}"
+    if metric_name and metric is not None:
+        name += f"-{metric_name.replace('/', '_')}={metric:.4f}"
+    return name
+
+
+_STEP_RE = re.compile(r"step=(\d+)")
+
+
+class CheckpointManager:
+    """Keeps the ``save_top_k`` best checkpoints by a monitored metric, plus the latest.
+
+    ``mode`` is ``min`` or ``max``. Checkpoints without the metric rank last. The most
+    recent checkpoint is never deleted, so resuming always has a starting point.
+    """
+
+    def __init__(self, directory, save_top_k: int = 1, monitor: str | None = "val_loss", mode: str = "min"):
+        if mode not in ("min", "max"):
+            raise ValueError(f"checkpoint mode={mode!r}; choose min or max")
+        self.directory = Path(directory)
+        self.save_top_k = int(save_top_k)
+        self.monitor = monitor
+        self.mode = mode
+
+    def checkpoints(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        found = [p for p in self.directory.iterdir() if is_checkpoint(p) and ".tmp-" not in p.name]
+        return sorted(found, key=lambda p: read_trainer_state(p).get("step", -1))
+
+    def latest(self) -> Path | None:
+        ckpts = self.checkpoints()
+        return ckpts[-1] if ckpts else None
+
+    def save(self, model_chunks, model_cfg, optimizer, trainer_state: dict, tokenizer_dir=None) -> Path:
+        metric = (trainer_state.get("metrics") or {}).get(self.monitor) if self.monitor else None
+        name = checkpoint_name(trainer_state["step"], self.monitor, metric)
+        path = save_checkpoint(
+            self.directory / name, model_chunks, model_cfg, optimizer, trainer_state, tokenizer_dir
+        )
+        if is_global_rank_zero():
+            self._prune(keep=path)
+        barrier()
+        return path
+
+    def _score(self, path):
+        value = (read_trainer_state(path).get("metrics") or {}).get(self.monitor)
+        if value is None:
+            return float("inf")
+        return value if self.mode == "min" else -value
+
+    def _prune(self, keep: Path) -> None:
+        if self.save_top_k < 0:
+            return
+        ckpts = self.checkpoints()
+        best = sorted(ckpts, key=self._score)[: self.save_top_k]
+        for p in ckpts:
+            if p != keep and p not in best:
+                shutil.rmtree(p, ignore_errors=True)
