@@ -1,0 +1,21 @@
+"""Supervised fine-tuning.
+
+    python examples/nlp/gpt/train_gpt_sft.py [hydra overrides]
+    torchrun --nproc-per-node 8 examples/nlp/gpt/train_gpt_sft.py \
+        model.tensor_model_parallel_size=2 model.pipeline_model_parallel_size=2
+"""
+
+import hydra
+
+from nemo_aligner.utils.entry import run_training
+
+
+@hydra.main(config_path="../../../conf", config_name="gpt_sft", version_base="1.3")
+def main(cfg) -> None:
+    from nemo_aligner.algorithms.supervised import build_sft_trainer
+
+    run_training(cfg, build_sft_trainer)
+
+
+if __name__ == "__main__":  # dist_checkpointing's writer processes re-import this file
+    main()

@@ -1,0 +1,78 @@
+"""Turn a sampler's per-step indices into the micro-batches one optimizer step consumes.
+
+Each step, this data-parallel rank owns ``global_batch_size / dp`` samples, cut into
+``micro_batch_size`` pieces. Every micro-batch of a step is padded to the same length
+(the longest sample of the step, rounded up to ``pad_to_multiple_of``), because pipeline
+stages exchange activations of one fixed shape per step. A final partial batch is topped
+up with padding samples whose loss mask is zero, so every rank runs the same number of
+micro-batches and the loss (a sum over real tokens) is unchanged.
+"""
+
+from dataclasses import dataclass
+
+from nemo_aligner.data.datasets import make_padding_sample
+
+
+@dataclass
+class StepBatch:
+    micro_batches: list  # collated dicts, all padded to `seq_length`
+    seq_length: int
+    num_samples: int  # real samples on this rank (the rest are padding)
+
+
+class StepLoader:
+    """Iterable of :class:`StepBatch` for one data-parallel rank.
+
+    ``collate_fn(samples, pad_to=...)`` batches a list of dataset items.
+    ``sample_length(item)`` gives the length that must fit (default: ``len(tokens)``).
+    """
+
+    def __init__(
+        self,
+        dataset,
+        sampler,
+        micro_batch_size: int,
+        collate_fn,
+        pad_to_multiple_of: int = 8,
+        sample_length=None,
+    ):
+        per_rank = sampler.global_batch_size // sampler.data_parallel_size
+        if per_rank % micro_batch_size != 0:
+            raise ValueError(
+                f"global_batch_size ({sampler.global_batch_size}) / data-parallel size "
+                f"({sampler.data_parallel_size}) = {per_rank} is not a multiple of "
+                f"micro_batch_size ({micro_batch_size}); adjust model.global_batch_size"
+            )
+        self.dataset = dataset
+        self.sampler = sampler
+        self.micro_batch_size = micro_batch_size
+        self.per_rank = per_rank
+        self.collate_fn = collate_fn
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.sample_length = sample_length or (lambda item: len(item["tokens"]))
+
+    def make_step(self, indices) -> StepBatch:
+        items = [self.dataset[i] for i in indices]
+        num_real = len(items)
+        template = items[0] if items else self.dataset[0]
+        items += [make_padding_sample(template) for _ in range(self.per_rank - num_real)]
+        longest = max(self.sample_length(item) for item in items)
+        m = self.pad_to_multiple_of
+        seq_length = -(-longest // m) * m
+        mbs = self.micro_batch_size
+        micro = [
+            self.collate_fn(items[i : i + mbs], pad_to=seq_length)
+            for i in range(0, len(items), mbs)
+        ]
+        return StepBatch(micro_batches=micro, seq_length=seq_length, num_samples=num_real)
+
+    def __iter__(self):
+        for indices in self.sampler:
+            yield self.make_step(indices)
+
+    def epoch(self, epoch: int = 0, limit_batches=None):
+        """One pass in order (for validation); ``limit_batches`` caps the number of steps."""
+        for n, indices in enumerate(self.sampler.epoch_batches(epoch)):
+            if limit_batches is not None and n >= limit_batches:
+                return
+            yield self.make_step(indices)

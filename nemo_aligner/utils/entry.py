@@ -1,0 +1,36 @@
+"""What every training script does around its trainer: errors, final model, summary."""
+
+import sys
+
+from nemo_aligner.utils.config import cfg_get
+
+# Errors a user can cause; reported as one line, without a traceback.
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotImplementedError)
+
+
+def run_training(cfg, build_trainer) -> None:
+    """Build the trainer, fit, export the final model; user errors exit 1 with one line."""
+    from nemo_aligner.checkpoint.distributed import CheckpointError
+    from nemo_aligner.utils import distributed
+    from nemo_aligner.utils.logging import get_logger
+
+    try:
+        trainer = build_trainer(cfg)
+    except (*USER_ERRORS, CheckpointError) as e:
+        rank = distributed.get_rank()
+        prefix = f"[rank {rank}] " if rank else ""
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    log = get_logger()
+    metrics = trainer.fit()
+    log_dir = cfg_get(cfg, "exp_manager.explicit_log_dir")
+    if trainer.finished and cfg_get(cfg, "exp_manager.checkpoint_callback_params.save_final_model", True):
+        trainer.export_final_model(f"{log_dir}/final_model")
+    summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("train/loss", "val/loss"))
+    log.info(f"done at step {trainer.step}: {summary}")
+    log.info(f"checkpoints: {log_dir}/checkpoints  metrics: {log_dir}/metrics.jsonl  "
+             f"tensorboard: {log_dir}/tensorboard")
+    if trainer.metrics_logger is not None:
+        trainer.metrics_logger.close()
+    distributed.destroy()

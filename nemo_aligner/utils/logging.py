@@ -1,0 +1,59 @@
+"""Metrics to TensorBoard, ``metrics.jsonl`` and the console (global rank 0 only)."""
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+from nemo_aligner.utils.distributed import is_global_rank_zero
+
+
+def get_logger(name: str = "nemo_aligner") -> logging.Logger:
+    logger = logging.getLogger(name)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s] %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged step to ``<log_dir>/metrics.jsonl`` and writes
+    the same scalars as TensorBoard events in ``<log_dir>/tensorboard``."""
+
+    def __init__(self, log_dir, tensorboard: bool = True):
+        self.enabled = is_global_rank_zero()
+        self.log_dir = Path(log_dir)
+        self._writer = None
+        if not self.enabled:
+            return
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl_path = self.log_dir / "metrics.jsonl"
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.log_dir / "tensorboard"))
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

@@ -1,0 +1,136 @@
+"""Build the pieces of a training run from its Hydra config.
+
+Every entry point follows the same order, so that bad input fails before anything is
+written: distributed init and layout checks, tokenizer, datasets (validated eagerly),
+model (restored when ``pretrained_checkpoint.restore_from_path`` is set), optimizer;
+only then the log directory, metrics and checkpoints.
+"""
+
+from pathlib import Path
+
+from megatron.core import parallel_state
+from omegaconf import OmegaConf
+
+from nemo_aligner.checkpoint.distributed import (
+    CheckpointError,
+    CheckpointManager,
+    is_checkpoint,
+    load_checkpoint,
+    read_model_config,
+)
+from nemo_aligner.data.tokenizers import load_tokenizer
+from nemo_aligner.models.gpt import build_gpt_model
+from nemo_aligner.utils import distributed
+from nemo_aligner.utils.config import cfg_get
+from nemo_aligner.utils.optim import build_optimizer, build_scheduler, wrap_ddp
+
+# Keys that describe the network itself: taken from a checkpoint being restored, so a
+# run's config cannot silently build a different architecture than the weights.
+ARCHITECTURE_KEYS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "kv_channels", "normalization", "layernorm_epsilon", "activation", "bias", "qkv_bias",
+    "position_embedding_type", "rotary_base", "rotary_percent", "rope_scaling",
+    "seq_len_interpolation_factor", "share_embeddings_and_output_weights",
+    "max_position_embeddings", "make_vocab_size_divisible_by",
+)
+
+
+def restore_path(cfg):
+    path = cfg_get(cfg, "pretrained_checkpoint.restore_from_path", None)
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(
+            f"pretrained_checkpoint.restore_from_path={path} does not exist; "
+            "give a checkpoint directory written by training or a Hugging Face model directory"
+        )
+    if is_checkpoint(p):
+        return p
+    if (p / "config.json").is_file():
+        raise CheckpointError(
+            f"{path} is a Hugging Face model directory; importing Hugging Face checkpoints is "
+            "not available in this version (see the Hugging Face interop issue); "
+            "convert it or restore from one of our checkpoints"
+        )
+    raise CheckpointError(
+        f"pretrained_checkpoint.restore_from_path={path} is neither one of our checkpoints "
+        "(metadata.json + model_config.yaml) nor a Hugging Face directory (config.json)"
+    )
+
+
+def resolve_model_cfg(cfg):
+    """The run's ``model.*`` config with the architecture of the restored checkpoint."""
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    ckpt = restore_path(cfg)
+    if ckpt is not None:
+        saved = read_model_config(ckpt)
+        for key in ARCHITECTURE_KEYS:
+            if key in saved:
+                model_cfg[key] = saved[key]
+    return model_cfg
+
+
+def init_distributed(cfg) -> None:
+    distributed.initialize(
+        tensor_model_parallel_size=int(cfg_get(cfg, "model.tensor_model_parallel_size", 1)),
+        pipeline_model_parallel_size=int(cfg_get(cfg, "model.pipeline_model_parallel_size", 1)),
+        seed=int(cfg_get(cfg, "seed", 1234)),
+        num_layers=int(cfg_get(cfg, "model.num_layers")),
+    )
+
+
+def tokenizer_source(cfg) -> str:
+    """``model.tokenizer.model`` if set, else the tokenizer saved in the restored checkpoint."""
+    path = cfg_get(cfg, "model.tokenizer.model", None)
+    if path is None:
+        ckpt = restore_path(cfg)
+        if ckpt is not None and (ckpt / "tokenizer").is_dir():
+            return str(ckpt / "tokenizer")
+        raise ValueError(
+            "no tokenizer: set model.tokenizer.model to a tokenizer.json, a SentencePiece "
+            ".model file or a directory holding one"
+        )
+    return str(path)
+
+
+def build_tokenizer(cfg):
+    source = tokenizer_source(cfg)
+    return load_tokenizer(source), source
+
+
+def build_model(cfg, model_cfg, vocab_size: int):
+    """This rank's model chunk (restored weights when a checkpoint is given), DDP-wrapped."""
+    model = build_gpt_model(model_cfg, vocab_size, seed=int(cfg_get(cfg, "seed", 1234)))
+    ckpt = restore_path(cfg)
+    if ckpt is not None:
+        load_checkpoint(ckpt, [model])
+    return wrap_ddp(model, model_cfg)
+
+
+def build_optimization(cfg, model_cfg, model, algo: str, max_steps: int):
+    clip = float(cfg_get(cfg, f"trainer.{algo}.gradient_clip_val", 0.0) or 0.0)
+    optimizer = build_optimizer([model], model_cfg, gradient_clip_val=clip)
+    scheduler = build_scheduler(optimizer, model_cfg, max_steps)
+    return optimizer, scheduler
+
+
+def log_dir(cfg) -> Path:
+    path = cfg_get(cfg, "exp_manager.explicit_log_dir", None)
+    if path is None:
+        raise ValueError("set exp_manager.explicit_log_dir to where logs and checkpoints go")
+    return Path(path)
+
+
+def checkpoint_manager(cfg) -> CheckpointManager:
+    params = cfg_get(cfg, "exp_manager.checkpoint_callback_params", {}) or {}
+    return CheckpointManager(
+        log_dir(cfg) / "checkpoints",
+        save_top_k=int(params.get("save_top_k", 1)),
+        monitor=params.get("monitor", "val_loss"),
+        mode=params.get("mode", "min"),
+    )
+
+
+def data_parallel_info():
+    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
