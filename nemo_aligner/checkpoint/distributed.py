@@ -195,6 +195,19 @@ def _prepare_optimizer_for_loading(optimizer) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
+def _unshare_step_counters(optimizer) -> None:
+    """Give every parameter its own Adam ``step`` tensor after loading.
+
+    Megatron's loader (without apex / Transformer Engine) puts one shared ``step`` tensor
+    into every parameter's state; torch's foreach Adam increments each parameter's step in
+    place, so a shared tensor advances once per parameter and corrupts bias correction.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in opt.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
 def load_checkpoint(path, model_chunks, optimizer=None, strict=True) -> dict:
     """Load model (and optimizer + RNG when given) from ``path``; returns the trainer state.
 
@@ -231,6 +244,7 @@ def load_checkpoint(path, model_chunks, optimizer=None, strict=True) -> dict:
     if optimizer is not None:
         with cuda_on_cpu():
             optimizer.load_state_dict(state["optimizer"])
+        _unshare_step_counters(optimizer)
         if same_layout:
             _restore_rng(state["rng_state"])
     return trainer_state

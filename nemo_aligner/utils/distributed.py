@@ -81,12 +81,8 @@ def initialize(
     Re-initializing with a different layout destroys the previous model-parallel groups.
     """
     _env_from_slurm()
-    if "RANK" not in os.environ:
-        os.environ.update(
-            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-        )
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    world_size = int(os.environ["WORLD_SIZE"])
+    launched = "RANK" in os.environ
+    world_size = int(os.environ["WORLD_SIZE"]) if launched else 1
     validate_parallel_layout(
         world_size, tensor_model_parallel_size, pipeline_model_parallel_size, num_layers
     )
@@ -99,9 +95,17 @@ def initialize(
     cpu_support.install()
 
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend, rank=int(os.environ["RANK"]), world_size=world_size
-        )
+        if launched:
+            dist.init_process_group(
+                backend=backend, rank=int(os.environ["RANK"]), world_size=world_size
+            )
+        else:
+            # A plain process: a world of one, without exporting rendezvous variables
+            # that child processes (e.g. torchrun launched from here) would inherit.
+            dist.init_process_group(
+                backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                rank=0, world_size=1,
+            )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

@@ -1,0 +1,33 @@
+"""Install: see README.md. Torch is deliberately unpinned here: the CPU install path pins
+it on the command line (a range would pull the CUDA build), GPU images bring their own."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="nemo-aligner-mcore",
+    version="0.1.0",
+    description="LLM alignment (SFT, reward models, DPO family, PPO, ...) on Megatron-Core",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["nemo_aligner", "nemo_aligner.*"]),
+    install_requires=[
+        "torch>=2.4",
+        # The CPU support and checkpoint code touch Megatron-Core internals: pinned minor.
+        "megatron-core>=0.16.1,<0.17",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
+        "sentencepiece",
+        "tokenizers>=0.19",
+        "safetensors",
+        "tensorboard",
+        "psutil",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={
+        "hf": ["transformers>=4.45"],
+        "serve": ["nvidia-pytriton"],
+        "bench": ["trl", "transformers>=4.45"],
+        "test": ["pytest>=7"],
+    },
+)
