@@ -6,7 +6,7 @@ Also the base for SteerLM's attribute-conditioned SFT, which differs only in its
 from nemo_aligner.algorithms.trainer import BaseTrainer
 from nemo_aligner.utils.config import cfg_get
 from nemo_aligner.losses.supervised import masked_token_nll
-from nemo_aligner.models.gpt import forward_batch
+from nemo_aligner.models.forward import forward_batch
 from nemo_aligner.models.logprobs import token_logprobs
 
 
@@ -88,6 +88,7 @@ def build_sft_trainer(cfg) -> SupervisedTrainer:
     setup.init_distributed(cfg)
     model_cfg = setup.resolve_model_cfg(cfg)
     tokenizer, tokenizer_src = setup.build_tokenizer(cfg)
+    model_cfg["vocab_size"] = tokenizer.vocab_size
     train_ds, val_ds, collate = build_sft_datasets(cfg, model_cfg, tokenizer)
     dp_rank, dp_size = setup.data_parallel_info()
     data = cfg_get(cfg, "model.data")

@@ -280,32 +280,3 @@ def init_weights_layout_invariant(model, seed: int, config: TransformerConfig) -
         slices = tuple(slice(o, o + n) for o, n in zip(offsets, local.shape))
         local.copy_(full[slices].reshape(local.shape).to(local.dtype))
 
-
-def forward_batch(model, batch: dict):
-    """Run ``model`` on a collated batch; returns logits ``[b, s, V/tp]`` (or hidden states
-    on a non-final pipeline stage).
-
-    A packed batch (with ``cu_seqlens``) is flattened to one row of ``b * s`` tokens in
-    Megatron's ``thd`` layout, so attention and RoPE restart at every sample boundary.
-    """
-    tokens, position_ids = batch["tokens"], batch["position_ids"]
-    if "cu_seqlens" not in batch:
-        return model(tokens, position_ids, attention_mask=None)
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    b, s = tokens.shape
-    cu = batch["cu_seqlens"].to(device=tokens.device, dtype=torch.int32)
-    params = PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=cu,
-        cu_seqlens_kv=cu,
-        max_seqlen_q=int(batch["max_seqlen"]),
-        max_seqlen_kv=int(batch["max_seqlen"]),
-    )
-    out = model(
-        tokens.reshape(1, b * s),
-        position_ids.reshape(1, b * s),
-        attention_mask=None,
-        packed_seq_params=params,
-    )
-    return out.reshape(b, s, -1) if out.dim() == 3 and out.shape[0] == 1 else out

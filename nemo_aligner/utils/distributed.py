@@ -141,14 +141,6 @@ def broadcast_object(obj, src: int = 0):
     return holder[0]
 
 
-def all_reduce_scalar(value: float, op=dist.ReduceOp.SUM, group=None) -> float:
-    if not dist.is_initialized():
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(t, op=op, group=group)
-    return float(t.item())
-
-
 def destroy() -> None:
     """Tear down model-parallel groups and the process group (for tests and re-init)."""
     if parallel_state.model_parallel_is_initialized():

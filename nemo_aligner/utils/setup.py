@@ -134,3 +134,18 @@ def checkpoint_manager(cfg) -> CheckpointManager:
 
 def data_parallel_info():
     return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+
+
+def model_from_checkpoint(path):
+    """This rank's GPT chunk with the weights of checkpoint ``path``, at the current layout.
+
+    Distributed state must be initialized (any TP/PP); no optimizer, no DDP wrapper.
+    """
+    model_cfg = read_model_config(path)
+    if "vocab_size" not in model_cfg:
+        raise CheckpointError(f"{path}/model_config.yaml has no vocab_size; re-save the checkpoint")
+    model_cfg["tensor_model_parallel_size"] = parallel_state.get_tensor_model_parallel_world_size()
+    model_cfg["pipeline_model_parallel_size"] = parallel_state.get_pipeline_model_parallel_world_size()
+    model = build_gpt_model(model_cfg, int(model_cfg["vocab_size"]))
+    load_checkpoint(path, [model])
+    return model

@@ -1,0 +1,80 @@
+"""Forward passes of a (possibly tensor/pipeline parallel) GPT on collated batches."""
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+from nemo_aligner.utils.cpu_support import cuda_on_cpu
+
+
+def forward_batch(model, batch: dict):
+    """Run ``model`` on a collated batch; returns logits ``[b, s, V/tp]`` (or hidden states
+    on a non-final pipeline stage).
+
+    A packed batch (with ``cu_seqlens``) is flattened to one row of ``b * s`` tokens in
+    Megatron's ``thd`` layout, so attention and RoPE restart at every sample boundary.
+    """
+    tokens, position_ids = batch["tokens"], batch["position_ids"]
+    if "cu_seqlens" not in batch:
+        return model(tokens, position_ids, attention_mask=None)
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    b, s = tokens.shape
+    cu = batch["cu_seqlens"].to(device=tokens.device, dtype=torch.int32)
+    params = PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=int(batch["max_seqlen"]),
+        max_seqlen_kv=int(batch["max_seqlen"]),
+    )
+    out = model(
+        tokens.reshape(1, b * s),
+        position_ids.reshape(1, b * s),
+        attention_mask=None,
+        packed_seq_params=params,
+    )
+    return out.reshape(b, s, -1) if out.dim() == 3 and out.shape[0] == 1 else out
+
+
+@torch.no_grad()
+def full_logits(model_chunks, tokens: torch.Tensor, position_ids: torch.Tensor | None = None):
+    """Logits ``[b, s, V_padded]`` for ``tokens`` on every rank, at any TP/PP layout.
+
+    Runs Megatron's forward-only pipeline schedule (one micro-batch), gathers the
+    vocabulary shards over tensor parallelism and broadcasts the result from the last
+    pipeline stage. Meant for evaluation and tests, not for training-time hot paths.
+    """
+    chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
+    b, s = tokens.shape
+    if position_ids is None:
+        position_ids = torch.arange(s).unsqueeze(0).expand(b, -1)
+    batch = {"tokens": tokens, "position_ids": position_ids}
+    collected = []
+
+    def step(data_iterator, model):
+        out = forward_batch(model, next(data_iterator))
+
+        def keep(logits):
+            collected.append(gather_from_tensor_model_parallel_region(logits).float())
+            return torch.zeros((), dtype=torch.float32), torch.tensor(1, dtype=torch.int), {}
+
+        return out, keep
+
+    for chunk in chunks:
+        chunk.eval()
+    with cuda_on_cpu():
+        get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iter([batch]), model=chunks,
+            num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=True,
+        )
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return collected[0]
+    holder = [collected[0] if collected else None]
+    dist.broadcast_object_list(
+        holder, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+        group=parallel_state.get_pipeline_model_parallel_group(),
+    )
+    return holder[0]
