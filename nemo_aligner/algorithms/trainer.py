@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from nemo_aligner.checkpoint.distributed import load_checkpoint, save_checkpoint
 from nemo_aligner.utils.config import cfg_get
-from nemo_aligner.utils.cpu_support import cuda_on_cpu
+from nemo_aligner.utils.cpu_support import cuda_on_cpu, native_torch
 from nemo_aligner.utils.distributed import is_global_rank_zero
 from nemo_aligner.utils.logging import get_logger
 from nemo_aligner.utils.optim import optimizer_step
@@ -141,7 +141,8 @@ class BaseTrainer:
         fwd_bwd = get_forward_backward_func()
 
         def forward_step_func(data_iterator, model):
-            return self.forward_step(next(data_iterator), model)
+            with native_torch():
+                return self.forward_step(next(data_iterator), model)
 
         with cuda_on_cpu():
             outputs = fwd_bwd(

@@ -6,7 +6,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from nemo_aligner.utils.cpu_support import cuda_on_cpu
+from nemo_aligner.utils.cpu_support import cuda_on_cpu, native_torch
 
 
 def forward_batch(model, batch: dict):
@@ -55,7 +55,8 @@ def full_logits(model_chunks, tokens: torch.Tensor, position_ids: torch.Tensor |
     collected = []
 
     def step(data_iterator, model):
-        out = forward_batch(model, next(data_iterator))
+        with native_torch():
+            out = forward_batch(model, next(data_iterator))
 
         def keep(logits):
             collected.append(gather_from_tensor_model_parallel_region(logits).float())

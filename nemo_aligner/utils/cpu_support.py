@@ -13,13 +13,13 @@ places on CPU and nowhere else:
   ``Tensor.cuda()`` a no-op and reports CPU tensor types under their CUDA names (the
   optimizers check ``param.type()`` and ``grad.type()`` against ``torch.cuda.*``). It intercepts every torch call while active, so callers
   enter it only around Megatron calls that create CUDA scratch tensors (schedules,
-  DDP construction, the optimizer step), never around a model forward on its own.
+  DDP construction, the optimizer step), and lift it with :func:`native_torch` around the
+  model's forward inside a schedule.
 
 On a CUDA machine both are no-ops.
 """
 
 import contextlib
-import functools
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -67,6 +67,20 @@ def cuda_on_cpu():
         yield
 
 
+@contextlib.contextmanager
+def native_torch():
+    """Suspend :func:`cuda_on_cpu` inside it (for the model's forward within a schedule).
+
+    The redirecting mode sees every torch call; the model itself needs none of it, and
+    lifting it for the forward pass removes its per-op Python overhead.
+    """
+    if isinstance(torch.overrides._get_current_function_mode(), _CudaToCpuMode):
+        with torch.overrides._pop_mode_temporarily():
+            yield
+    else:
+        yield
+
+
 def _current_device_cpu():
     return "cpu"
 
@@ -83,14 +97,3 @@ def install() -> None:
     torch.cuda.current_device = _current_device_cpu
     torch.cuda.synchronize = _synchronize_nothing
     _installed = True
-
-
-def on_cpu_if_needed(fn):
-    """Decorator: run ``fn`` inside :func:`cuda_on_cpu`."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with cuda_on_cpu():
-            return fn(*args, **kwargs)
-
-    return wrapper
