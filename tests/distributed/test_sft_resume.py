@@ -41,3 +41,19 @@ def test_resume_equals_uninterrupted(sft_run, tmp_path, nproc, tp, pp, dist_worl
     assert wa.keys() == wb.keys() and len(wa) > 0
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_resume_at_another_layout_continues_the_same_run(sft_run, tmp_path):
+    """3 steps at TP2 x PP2, then 3 more at TP1 from that checkpoint (optimizer included)
+    equal 6 steps at TP1: the optimizer state reshards with the weights."""
+    common = ["model.optim.sched.max_steps=6"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    sft_run(straight, *common, "trainer.sft.max_steps=6")
+    sft_run(resumed, *common, "trainer.sft.max_steps=3", "model.tensor_model_parallel_size=2",
+            "model.pipeline_model_parallel_size=2", nproc=4)
+    sft_run(resumed, *common, "trainer.sft.max_steps=6")
+    a, b = read_metrics(straight), read_metrics(resumed)
+    assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b):
+        assert y["train/loss"] == pytest.approx(x["train/loss"], abs=1e-5)
