@@ -17,10 +17,12 @@ padded to 512). ``--vocab 32000`` pads the output layer to a Llama-2-sized vocab
 softmax/cross-entropy and the LM-head matmuls process.
 
 Data is synthetic: JSONL ``{"input", "output"}`` samples written to a temp dir, each
-tokenizing to exactly ``seq + 1`` ids (prompt ~25%, response + EOS ~75%), so every
-micro-batch is ``[mbs, seq]`` with no padding. With ``--packing``, samples have random
-lengths in ``[seq/8, seq/2]`` and are packed (``model.data.packing.enabled=true``,
-pack size = seq); padding left in the packs is reported and not counted as work.
+tokenizing to exactly ``seq`` ids (prompt ~25%, response + EOS ~75%; ``seq`` is the most
+``max_seq_length`` allows), i.e. ``seq - 1`` training tokens after the next-token shift,
+so every micro-batch is ``[mbs, seq]`` with one padding position per row. With
+``--packing``, samples have random lengths in ``[seq/8, seq/2]`` ids and are packed
+(``model.data.packing.enabled=true``, pack size = seq). Padding is reported separately
+and never counted as work.
 
 Model FLOPs (the numerator of MFU)
 ----------------------------------
@@ -158,8 +160,9 @@ def write_dataset(path, args, n_samples, seed=0):
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(n_samples):
-            # tokens = ids[:-1], so seq tokens need seq + 1 ids.
-            n_ids = args.seq + 1 if not args.packing else rng.randint(args.seq // 8, args.seq // 2) + 1
+            # A sample may hold at most max_seq_length (= seq) ids, and trains on
+            # tokens = ids[:-1]: seq - 1 real tokens, padded to seq (one padding position).
+            n_ids = args.seq if not args.packing else rng.randint(args.seq // 8, args.seq // 2)
             f.write(json.dumps(sample_of_length(tokenizer, words, rng, n_ids, DEFAULT_PROMPT_TEMPLATE)) + "\n")
 
 
@@ -325,7 +328,12 @@ def fmt_flops(x):
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.perf_counter()
+    import warnings
+
     import torch
+
+    # Megatron calls deprecated torch.distributed APIs every step; keep the table readable.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -427,7 +435,7 @@ def main(argv=None):
                   f"{args.heads} heads x {head_dim}, {args.groups} query groups, vocab {vocab} (padded), fp32"),
         ("params", f"{n_params / 1e6:.2f} M total, {counted / 1e6:.2f} M in matmuls (incl. LM head)"),
         ("batch", f"seq {args.seq}, global batch {args.gbs} = {args.gbs // args.mbs} micro-batches of {args.mbs}"
-                  + (", packed" if args.packing else ", one sample per row, no padding")),
+                  + (", packed" if args.packing else ", one sample per row")),
         ("threads", f"torch.get_num_threads() = {torch.get_num_threads()} (os.cpu_count() = {os.cpu_count()})"),
         ("tokens/step", f"{tokens:.0f} real"
                         + (f" of {positions:.0f} positions ({100 * tokens / positions:.1f}% full), "

@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_aligner.models.attention import SDPACoreAttention
 from nemo_aligner.utils.config import cfg_get
+from nemo_aligner.utils.cpu_support import cuda_on_cpu
 
 ACTIVATIONS = {
     # name: (activation function, gated linear unit)
@@ -190,22 +191,24 @@ def build_gpt_model(cfg, vocab_size: int, pre_process=None, post_process=None, s
     max_len = int(
         cfg_get(cfg, "max_position_embeddings", None) or cfg_get(cfg, "encoder_seq_length")
     )
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec(config),
-        vocab_size=padded_vocab_size(vocab_size, cfg),
-        max_sequence_length=max_len,
-        pre_process=pre_process,
-        post_process=post_process,
-        parallel_output=True,
-        share_embeddings_and_output_weights=bool(
-            cfg_get(cfg, "share_embeddings_and_output_weights", False)
-        ),
-        position_embedding_type=position,
-        rotary_percent=float(cfg_get(cfg, "rotary_percent", 1.0)),
-        rotary_base=int(cfg_get(cfg, "rotary_base", 10000)),
-        seq_len_interpolation_factor=cfg_get(cfg, "seq_len_interpolation_factor", None),
-    )
+    # With tied embeddings under PP the constructor syncs the embedding copy over CUDA.
+    with cuda_on_cpu():
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(config),
+            vocab_size=padded_vocab_size(vocab_size, cfg),
+            max_sequence_length=max_len,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=bool(
+                cfg_get(cfg, "share_embeddings_and_output_weights", False)
+            ),
+            position_embedding_type=position,
+            rotary_percent=float(cfg_get(cfg, "rotary_percent", 1.0)),
+            rotary_base=int(cfg_get(cfg, "rotary_base", 10000)),
+            seq_len_interpolation_factor=cfg_get(cfg, "seq_len_interpolation_factor", None),
+        )
     scaling = cfg_get(cfg, "rope_scaling", None)
     if scaling and position == "rope":
         params = RopeScaling(**{k: v for k, v in dict(scaling).items() if k in RopeScaling.__dataclass_fields__})
@@ -217,6 +220,10 @@ def build_gpt_model(cfg, vocab_size: int, pre_process=None, post_process=None, s
             high_freq_factor=params.high_freq_factor,
             original_max_position_embeddings=params.original_max_position_embeddings,
         )
+    if config.params_dtype != torch.float32:
+        # Megatron's norms are created in float32 whatever params_dtype says; like
+        # Megatron's Float16Module, keep every parameter in the training dtype.
+        model.to(dtype=config.params_dtype)
     if seed is not None:
         init_weights_layout_invariant(model, seed, config)
     if torch.cuda.is_available():

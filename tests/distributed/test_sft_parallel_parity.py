@@ -18,12 +18,28 @@ LAYOUTS = {  # name: (nproc, TP, PP)
 STEPS = 3
 
 
-def sft_metrics(log_dir, nproc, tp, pp):
+GPT2_STYLE = [
+    "model.normalization=layernorm", "model.activation=gelu", "model.bias=true",
+    "model.position_embedding_type=learned_absolute", "model.share_embeddings_and_output_weights=true",
+    "model.num_query_groups=4",
+]
+
+
+def sft_metrics(log_dir, nproc, tp, pp, extra=()):
     run(SFT_SCRIPT, [
         *TINY_SFT, f"exp_manager.explicit_log_dir={log_dir}", f"trainer.sft.max_steps={STEPS}",
-        f"model.tensor_model_parallel_size={tp}", f"model.pipeline_model_parallel_size={pp}",
+        f"model.tensor_model_parallel_size={tp}", f"model.pipeline_model_parallel_size={pp}", *extra,
     ], nproc=nproc)
     return read_metrics(log_dir)
+
+
+def assert_same_run(metrics, reference):
+    assert len(metrics) == len(reference) == STEPS
+    assert reference[-1]["train/loss"] < reference[0]["train/loss"]  # the steps did something
+    for got, ref in zip(metrics, reference):
+        assert got["train/loss"] == pytest.approx(ref["train/loss"], abs=1e-5)
+        assert got["train/grad_norm"] == pytest.approx(ref["train/grad_norm"], rel=1e-4)
+        assert got["consumed_samples"] == ref["consumed_samples"]
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +51,11 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_sft_loss_matches_single_process(layout, reference, tmp_path):
     nproc, tp, pp = LAYOUTS[layout]
-    metrics = sft_metrics(tmp_path, nproc, tp, pp)
-    assert len(metrics) == len(reference) == STEPS
-    assert reference[-1]["train/loss"] < reference[0]["train/loss"]  # the steps did something
-    for got, ref in zip(metrics, reference):
-        assert got["train/loss"] == pytest.approx(ref["train/loss"], abs=1e-5)
-        assert got["train/grad_norm"] == pytest.approx(ref["train/grad_norm"], rel=1e-4)
-        assert got["consumed_samples"] == ref["consumed_samples"]
+    assert_same_run(sft_metrics(tmp_path, nproc, tp, pp), reference)
+
+
+@pytest.mark.slow
+def test_gpt2_style_tied_embeddings_match_at_tp2_pp2_dp2(tmp_path):
+    """Tied embeddings under PP: the last stage's copy starts equal and stays in sync."""
+    reference = sft_metrics(tmp_path / "ref", 1, 1, 1, GPT2_STYLE)
+    assert_same_run(sft_metrics(tmp_path / "par", 8, 2, 2, GPT2_STYLE), reference)

@@ -1,0 +1,49 @@
+"""Model builder: config translation, precision, layout-independent initialization."""
+
+import pytest
+import torch
+
+from nemo_aligner.models.gpt import ModelConfigError, build_gpt_model, padded_vocab_size
+from nemo_aligner.models.forward import full_logits
+
+BASE = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+            num_query_groups=2, encoder_seq_length=32)
+
+
+def test_same_seed_same_weights_different_seed_different(dist_world_of_one):
+    a, b, c = (build_gpt_model(BASE, 300, seed=s) for s in (1, 1, 2))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert not torch.equal(a.embedding.word_embeddings.weight, c.embedding.word_embeddings.weight)
+
+
+def test_vocab_padding_and_shapes(dist_world_of_one):
+    assert padded_vocab_size(300, {}) == 384
+    model = build_gpt_model(BASE, 300, seed=1)
+    assert model.embedding.word_embeddings.weight.shape == (384, 64)
+    qkv = model.decoder.layers[0].self_attention.linear_qkv.weight
+    assert qkv.shape == ((4 + 2 * 2) * 16, 64)  # GQA: 4 query heads, 2 key/value groups
+
+
+def test_bf16_model_close_to_fp32(dist_world_of_one):
+    fp32 = build_gpt_model(BASE, 300, seed=1)
+    bf16 = build_gpt_model(dict(BASE, precision="bf16"), 300, seed=1)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref, low = full_logits(fp32, tokens), full_logits(bf16, tokens)
+    assert (low - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("key,value", [("activation", "tanh"), ("normalization", "batchnorm"),
+                                        ("precision", "fp8"), ("position_embedding_type", "alibi")])
+def test_unsupported_choices_are_named(key, value, dist_world_of_one):
+    with pytest.raises(ModelConfigError, match=key):
+        build_gpt_model(dict(BASE, **{key: value}), 300)
+
+
+def test_rope_scaling_changes_low_frequencies_only(dist_world_of_one):
+    plain = build_gpt_model(BASE, 300, seed=1)
+    scaled = build_gpt_model(dict(BASE, rope_scaling={"factor": 8.0}), 300, seed=1)
+    a, b = plain.rotary_pos_emb.inv_freq, scaled.rotary_pos_emb.inv_freq
+    assert torch.equal(a[0], b[0])  # highest frequency untouched
+    assert b[-1] == pytest.approx(a[-1] / 8.0)  # lowest frequency divided by the factor
