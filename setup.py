@@ -28,6 +28,7 @@ setup(
         "hf": ["transformers>=4.45"],
         "serve": ["nvidia-pytriton"],
         "bench": ["trl", "transformers>=4.45"],
-        "test": ["pytest>=7"],
+        # The tests check parity with transformers (HF interop, generation, DPO data).
+        "test": ["pytest>=7", "transformers>=4.45"],
     },
 )
