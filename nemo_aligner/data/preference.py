@@ -306,6 +306,66 @@ class RegressionRewardDataset(torch.utils.data.Dataset, _Tokenized):
         }
 
 
+class RewardScoringDataset(torch.utils.data.Dataset, _Tokenized):
+    """Lines to score with a reward model, each one of
+
+    - ``{"text"}``: the whole text (as in regression data);
+    - ``{"prompt", "response"}``: one response (prompt string or message list);
+    - ``{"prompt", "chosen_response", "rejected_response"}``: both responses of a pair;
+
+    other fields are kept (``lines``) and written back by the scoring command. Items are
+    groups of one or two unshifted sequences; ``kinds[i]`` says which form line ``i`` has.
+    Sequences are tokenized exactly as in reward-model training.
+    """
+
+    def __init__(self, path, tokenizer, max_seq_length, *, truncation="error", add_bos=False, add_eos=True):
+        _Tokenized.__init__(self, path, tokenizer, max_seq_length, truncation, add_bos, add_eos, shift=False)
+        self.lines, self.kinds, self.sequences = [], [], []
+        for line_no, sample in read_jsonl(self.path):
+            where = f"{self.path}:{line_no}"
+            try:
+                kind, pieces = self._parse(sample)
+            except ValueError as e:
+                raise DataError(f"{where}: {e}") from None
+            fitted = [self.fit(self.prefix_ids(p), self.response_ids(r), where, field) for p, r, field in pieces]
+            if any(f is None for f in fitted):
+                self.num_dropped += 1
+                continue
+            self.num_truncated += int(any(f[2] for f in fitted))
+            self.lines.append(sample)
+            self.kinds.append(kind)
+            self.sequences.append([(f[0], f[1]) for f in fitted])
+        self.check_not_empty(len(self.lines))
+
+    @staticmethod
+    def _parse(sample):
+        if "chosen_response" in sample or "rejected_response" in sample:
+            for field in ("prompt", "chosen_response", "rejected_response"):
+                if field not in sample:
+                    raise ValueError(f"missing field '{field}' (a pair needs 'prompt', 'chosen_response', 'rejected_response')")
+            return "pair", [
+                (*render_prompt_response(sample["prompt"], sample["chosen_response"], "chosen_response"), "chosen_response"),
+                (*render_prompt_response(sample["prompt"], sample["rejected_response"], "rejected_response"), "rejected_response"),
+            ]
+        if "prompt" in sample or "response" in sample:
+            for field in ("prompt", "response"):
+                if field not in sample:
+                    raise ValueError(f"missing field '{field}' (give 'text', or 'prompt' and 'response')")
+            return "single", [(*render_prompt_response(sample["prompt"], sample["response"], "response"), "response")]
+        if not isinstance(sample.get("text"), str):
+            raise ValueError("field 'text' must be a string (lines need 'text', 'prompt' + 'response', or a preference pair)")
+        return "single", [("", sample["text"], "text")]
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "sequences": [make_sequence(ids, mask, shift=False) for ids, mask in self.sequences[i]],
+            "sample_ids": torch.tensor([i]),
+        }
+
+
 def _preference_flag(value) -> bool:
     if isinstance(value, bool):
         return value

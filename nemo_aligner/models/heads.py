@@ -28,6 +28,8 @@ import copy
 import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import RowParallelLinear, gather_from_sequence_parallel_region
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 REDUCTIONS = ("last", "mean")
 
@@ -76,6 +78,12 @@ class GPTRewardModel(GPTModel):
         if not self.post_process:
             return hidden_states
         return self.reward_head(hidden_states)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        # GPTModel's and LanguageModule's versions only add output-layer handling (tying,
+        # vocabulary padding), and fail without an output layer; the generic one is exact.
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        return MegatronModule.sharded_state_dict(self, prefix, sharded_offsets, metadata)
 
 
 def sequence_rewards(token_rewards: torch.Tensor, batch: dict, reduction: str = "last") -> torch.Tensor:
