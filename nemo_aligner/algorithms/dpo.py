@@ -312,7 +312,8 @@ def _build(cfg, trainer_cls, settings, make_dataset):
     if base_val is not None:
         group_data.log_dataset("validation", base_val)
     train_ds = group_data.maybe_pack(cfg, base_train, opts["max_seq_length"])
-    val_ds = group_data.maybe_pack(cfg, base_val, opts["max_seq_length"]) if base_val is not None else None
+    val_ds = group_data.maybe_pack(cfg, base_val, opts["max_seq_length"], use_packed_file=False,
+                                     pack_size=getattr(train_ds, "pack_size", None)) if base_val is not None else None
     train_loader, val_loader, collate = group_data.group_loaders(cfg, model_cfg, train_ds, val_ds, tokenizer.pad_id)
     model = setup.build_model(cfg, model_cfg, tokenizer.vocab_size)
     datasets = {"train": (train_ds, base_train)}

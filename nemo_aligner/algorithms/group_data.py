@@ -45,8 +45,12 @@ def log_dataset(name: str, dataset) -> None:
     )
 
 
-def maybe_pack(cfg, dataset, max_seq_length: int):
+def maybe_pack(cfg, dataset, max_seq_length: int, use_packed_file: bool = True, pack_size: int | None = None):
     """``dataset`` packed per ``model.data.packing`` (or as is when packing is off).
+
+    ``packing.packed_file`` (precomputed bins) describes the training file; other datasets
+    (``use_packed_file=False``) are packed with ``packing.algorithm``, into packs of
+    ``pack_size`` when given (the training packs' size).
 
     A pack must hold the largest group (a pair is two sequences of up to
     ``max_seq_length``), so ``pack_size`` defaults to, and must be at least, twice
@@ -55,13 +59,13 @@ def maybe_pack(cfg, dataset, max_seq_length: int):
     packing = cfg_get(cfg, "model.data.packing", {}) or {}
     if not packing.get("enabled", False):
         return dataset
-    pack_size = int(packing.get("pack_size") or 2 * max_seq_length)
+    pack_size = int(pack_size or packing.get("pack_size") or 2 * max_seq_length)
     if pack_size < 2 * max_seq_length:
         raise ValueError(
             f"model.data.packing.pack_size={pack_size} is less than twice max_seq_length ({max_seq_length}); "
             f"a pair may not fit: set pack_size >= {2 * max_seq_length}"
         )
-    if packing.get("packed_file"):
+    if packing.get("packed_file") and use_packed_file:
         packed = PackedGroupDataset.from_file(dataset, packing["packed_file"])
     else:
         packed = PackedGroupDataset(

@@ -154,7 +154,8 @@ def build_rm_trainer(cfg) -> RewardModelTrainer:
     if val_ds is not None:
         group_data.log_dataset("validation", val_ds)
     train_ds = group_data.maybe_pack(cfg, train_ds, opts["max_seq_length"])
-    val_ds = group_data.maybe_pack(cfg, val_ds, opts["max_seq_length"]) if val_ds is not None else None
+    val_ds = group_data.maybe_pack(cfg, val_ds, opts["max_seq_length"], use_packed_file=False,
+                                     pack_size=getattr(train_ds, "pack_size", None)) if val_ds is not None else None
     train_loader, val_loader, _ = group_data.group_loaders(cfg, model_cfg, train_ds, val_ds, tokenizer.pad_id)
     model = build_rm_model(cfg, model_cfg, tokenizer.vocab_size)
     trainer = RewardModelTrainer(

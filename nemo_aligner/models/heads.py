@@ -6,6 +6,9 @@ position ``t`` gets
 
     r_t = W h_t + b,        W: [num_attributes, hidden],  b: [num_attributes]
 
+(``b`` only for regression models: a Bradley-Terry loss depends on reward differences, so a
+bias gets an exactly-zero gradient there and would only drift with rounding noise under Adam).
+
 returned as ``[batch, seq, num_attributes]`` float32 (every TP rank holds the full value).
 :func:`sequence_rewards` turns the per-token values into one reward per sequence:
 
@@ -37,7 +40,7 @@ REDUCTIONS = ("last", "mean")
 class RewardHead(RowParallelLinear):
     """``[s, b, hidden]`` final-norm hidden states -> ``[b, s, num_attributes]`` rewards."""
 
-    def __init__(self, config, num_attributes: int, dtype: torch.dtype | None = None):
+    def __init__(self, config, num_attributes: int, dtype: torch.dtype | None = None, bias: bool = True):
         # Its own config: the head runs on the full sequence (gathered when sequence parallel)
         # and may have its own parameter dtype.
         head_config = copy.copy(config)
@@ -46,7 +49,7 @@ class RewardHead(RowParallelLinear):
             head_config.params_dtype = dtype
         super().__init__(
             config.hidden_size, num_attributes, config=head_config, init_method=config.init_method,
-            bias=True, input_is_parallel=False, skip_bias_add=False,
+            bias=bias, input_is_parallel=False, skip_bias_add=False,
         )
         self.gather_sequence = bool(config.sequence_parallel)
 
@@ -61,18 +64,19 @@ class GPTRewardModel(GPTModel):
     """A ``GPTModel`` ending in a :class:`RewardHead` (built by
     :func:`nemo_aligner.models.gpt.build_gpt_model` with ``model_class=GPTRewardModel``).
 
-    Same constructor as ``GPTModel`` plus ``num_attributes`` and ``head_dtype``; the input
-    and output embeddings are never tied (there is no output embedding). Non-final pipeline
-    stages are plain GPT stages.
+    Same constructor as ``GPTModel`` plus ``num_attributes``, ``head_dtype`` and
+    ``head_bias``; the input and output embeddings are never tied (there is no output
+    embedding). Non-final pipeline stages are plain GPT stages.
     """
 
-    def __init__(self, *args, num_attributes: int = 1, head_dtype: torch.dtype | None = None, **kwargs):
+    def __init__(self, *args, num_attributes: int = 1, head_dtype: torch.dtype | None = None,
+                 head_bias: bool = True, **kwargs):
         kwargs["share_embeddings_and_output_weights"] = False
         super().__init__(*args, **kwargs)
         self.num_attributes = int(num_attributes)
         if self.post_process:
             del self.output_layer  # the vocabulary projection is replaced, not kept unused
-            self.reward_head = RewardHead(self.config, self.num_attributes, head_dtype)
+            self.reward_head = RewardHead(self.config, self.num_attributes, head_dtype, bias=head_bias)
 
     def _postprocess(self, hidden_states, **kwargs):
         if not self.post_process:

@@ -58,7 +58,7 @@ def build_reward_model(model_cfg, vocab_size: int, seed=None, initialize: bool =
     s = reward_settings(model_cfg)
     model = build_gpt_model(
         model_cfg, vocab_size, seed=seed, initialize=initialize, model_class=GPTRewardModel,
-        num_attributes=s["num_attributes"], head_dtype=s["head_dtype"],
+        num_attributes=s["num_attributes"], head_dtype=s["head_dtype"], head_bias=s["type"] == "regression",
     )
     if model.post_process:
         model.reward_head.to(dtype=s["head_dtype"])  # build_gpt_model casts every parameter to the model's dtype
