@@ -15,6 +15,8 @@ import os
 import sentencepiece
 import tokenizers
 
+from nemo_aligner.data.chat_template import ChatTemplate, load_chat_template
+
 
 class Tokenizer(abc.ABC):
     """Abstract tokenizer; see the module docstring for the contract.
@@ -39,6 +41,8 @@ class Tokenizer(abc.ABC):
     bos_id: int | None
     eos_id: int | None
     _pad_id: int | None
+    # The Hugging Face chat template next to the tokenizer files, if any (see chat_template.py).
+    chat_template: ChatTemplate | None = None
 
     @property
     def pad_id(self) -> int | None:
@@ -60,6 +64,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.bos_id = _none_if_negative(self._sp.bos_id())
         self.eos_id = _none_if_negative(self._sp.eos_id())
         self._pad_id = _none_if_negative(self._sp.pad_id())
+        self.chat_template = load_chat_template(os.path.dirname(os.path.abspath(self.model_path)))
 
     def text_to_ids(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -102,6 +107,7 @@ class HFTokenizer(Tokenizer):
             else:
                 ids[kind] = next((i for i in map(self._tok.token_to_id, candidates) if i is not None), None)
         self.bos_id, self.eos_id, self._pad_id = ids["bos"], ids["eos"], ids["pad"]
+        self.chat_template = load_chat_template(os.path.dirname(os.path.abspath(self.path)))
 
     @staticmethod
     def _read_config(config_path: str) -> dict:
