@@ -32,15 +32,11 @@ from tqdm import tqdm
 
 from nemo_aligner.checkpoint import hf_arch
 from nemo_aligner.checkpoint.hf_arch import COLUMN, GLU, QKV, REPLICATED, ROW, VOCAB, Source
+from nemo_aligner.data.tokenizers import copy_tokenizer_files
 from nemo_aligner.utils import distributed
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "added_tokens.json",
-    "generation_config.json",
-)
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
@@ -456,17 +452,3 @@ def _special_token_ids(tokenizer_dir) -> dict:
 
     tok = load_tokenizer(str(tokenizer_dir))
     return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok._pad_id}
-
-
-def copy_tokenizer_files(source, dest) -> None:
-    """Copy the tokenizer files of ``source`` (a directory, or a file whose siblings are the
-    tokenizer's) into the Hugging Face directory ``dest``."""
-    src = Path(source)
-    folder = src if src.is_dir() else src.parent
-    if src.is_file() and src.suffix == ".model":
-        shutil.copy2(src, Path(dest) / "tokenizer.model")
-    elif src.is_file():
-        shutil.copy2(src, Path(dest) / "tokenizer.json")
-    for name in TOKENIZER_FILES:
-        if (folder / name).is_file() and not (Path(dest) / name).exists():
-            shutil.copy2(folder / name, Path(dest) / name)

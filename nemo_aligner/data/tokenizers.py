@@ -11,6 +11,8 @@ Contract shared by every implementation:
 import abc
 import json
 import os
+import shutil
+from pathlib import Path
 
 import sentencepiece
 import tokenizers
@@ -158,3 +160,28 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 def _none_if_negative(token_id: int) -> int | None:
     return None if token_id < 0 else token_id
+
+
+# The files a tokenizer is made of (Hugging Face and SentencePiece), never model weights.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "added_tokens.json",
+)
+
+
+def copy_tokenizer_files(source, dest) -> None:
+    """Copy the tokenizer at ``source`` (a directory, a ``tokenizer.json`` or a SentencePiece
+    ``.model`` file) into directory ``dest`` as a directory :func:`load_tokenizer` reads.
+
+    Only tokenizer files are copied (:data:`TOKENIZER_FILES`, found in the directory or next
+    to the file), so a Hugging Face model directory gives its tokenizer, not its weights.
+    """
+    src, dest = Path(source), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    folder = src
+    if src.is_file():
+        shutil.copy2(src, dest / ("tokenizer.model" if src.suffix == ".model" else "tokenizer.json"))
+        folder = src.parent
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file() and not (dest / name).exists():
+            shutil.copy2(folder / name, dest / name)

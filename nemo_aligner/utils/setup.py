@@ -172,6 +172,6 @@ def model_from_checkpoint(path):
         raise CheckpointError(f"{path}/model_config.yaml has no vocab_size; re-save the checkpoint")
     model_cfg["tensor_model_parallel_size"] = parallel_state.get_tensor_model_parallel_world_size()
     model_cfg["pipeline_model_parallel_size"] = parallel_state.get_pipeline_model_parallel_world_size()
-    model = build_gpt_model(model_cfg, int(model_cfg["vocab_size"]))
+    model = build_gpt_model(model_cfg, int(model_cfg["vocab_size"]), initialize=False)
     load_checkpoint(path, [model])
     return model
