@@ -32,15 +32,11 @@ from tqdm import tqdm
 
 from nemo_aligner.checkpoint import hf_arch
 from nemo_aligner.checkpoint.hf_arch import COLUMN, GLU, QKV, REPLICATED, ROW, VOCAB, Source
+from nemo_aligner.data.tokenizers import copy_tokenizer_files
 from nemo_aligner.utils import distributed
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "added_tokens.json",
-    "generation_config.json",
-)
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
@@ -170,41 +166,65 @@ def _qkv_dims(model_cfg) -> tuple[int, int, int]:
     return groups, heads // groups, head_dim
 
 
-def _local_shard(reader: HFWeights, spec, param, model_cfg, tp_rank: int, tp: int) -> torch.Tensor:
-    """This rank's shard of one Megatron parameter, read from the Hugging Face tensors."""
+def _check_shape(piece: torch.Tensor, target: torch.Tensor, src: Source, name: str) -> None:
+    if tuple(piece.shape) != tuple(target.shape):
+        raise HFCheckpointError(
+            f"{src.name}: shape {tuple(piece.shape)} does not fit {name} "
+            f"{tuple(target.shape)}; is config.json the one these weights were saved with?"
+        )
+
+
+def _load_shard(reader: HFWeights, spec, param: torch.Tensor, name: str, model_cfg, tp_rank: int, tp: int) -> None:
+    """Read this rank's shard of one Megatron parameter into ``param``.
+
+    Each Hugging Face slice is copied into its place in ``param`` (a view) as soon as it is
+    read, so at most one slice exists beside the model at any time.
+    """
     kind, src = spec.kind, spec.sources
+
+    def put(target, piece, source):
+        _check_shape(piece, target, source, name)
+        target.copy_(piece)
+
     if kind == REPLICATED:
-        return reader.read(src[0])
-    if kind == COLUMN:
+        put(param, reader.read(src[0]), src[0])
+    elif kind == COLUMN:
         n = param.shape[0]
-        return reader.read(src[0], rows=slice(tp_rank * n, (tp_rank + 1) * n))
-    if kind == ROW:
+        put(param, reader.read(src[0], rows=slice(tp_rank * n, (tp_rank + 1) * n)), src[0])
+    elif kind == ROW:
         n = param.shape[1]
-        return reader.read(src[0], cols=slice(tp_rank * n, (tp_rank + 1) * n))
-    if kind == VOCAB:
+        put(param, reader.read(src[0], cols=slice(tp_rank * n, (tp_rank + 1) * n)), src[0])
+    elif kind == VOCAB:
         n = param.shape[0]
         real = reader.shape(src[0].name)[0]
         lo, hi = tp_rank * n, min((tp_rank + 1) * n, real)
-        out = torch.zeros(param.shape, dtype=param.dtype)  # padding rows (masked in the model)
         if hi > lo:
-            out[: hi - lo] = reader.read(src[0], rows=slice(lo, hi))
-        return out
-    if kind == GLU:
+            put(param[: hi - lo], reader.read(src[0], rows=slice(lo, hi)), src[0])
+        param[max(hi - lo, 0):].zero_()  # padding rows (masked out of the logits by the model)
+    elif kind == GLU:
         n = param.shape[0] // 2
         rows = slice(tp_rank * n, (tp_rank + 1) * n)
-        return torch.cat([reader.read(src[0], rows=rows), reader.read(src[1], rows=rows)])
-    if kind == QKV:
+        put(param[:n], reader.read(src[0], rows=rows), src[0])
+        put(param[n:], reader.read(src[1], rows=rows), src[1])
+    elif kind == QKV:
         groups, per_group, head_dim = _qkv_dims(model_cfg)
         local = groups // tp
+        if param.shape[0] != local * (per_group + 2) * head_dim:
+            raise HFCheckpointError(
+                f"{name} {tuple(param.shape)} does not hold {local} query groups of "
+                f"{per_group} heads x {head_dim}; is config.json the one these weights were saved with?"
+            )
         g0 = tp_rank * local
-        q = reader.read(src[0], rows=slice(g0 * per_group * head_dim, (g0 + local) * per_group * head_dim))
-        k = reader.read(src[1], rows=slice(g0 * head_dim, (g0 + local) * head_dim))
-        v = reader.read(src[2], rows=slice(g0 * head_dim, (g0 + local) * head_dim))
-        rest = q.shape[1:]
-        parts = [q.reshape(local, per_group * head_dim, *rest),
-                 k.reshape(local, head_dim, *rest), v.reshape(local, head_dim, *rest)]
-        return torch.cat(parts, dim=1).reshape(-1, *rest)
-    raise AssertionError(f"unknown parameter kind {kind}")
+        view = param.view(local, (per_group + 2) * head_dim, *param.shape[1:])
+        blocks = ((0, per_group), (per_group, 1), (per_group + 1, 1))  # (first row block, blocks) of q, k, v
+        for source, (first, count) in zip(src, blocks):
+            rows = count * head_dim
+            piece = reader.read(source, rows=slice(g0 * rows, (g0 + local) * rows))
+            target = view[:, first * head_dim : (first + count) * head_dim]
+            _check_shape(piece, target.reshape(local * rows, *param.shape[1:]), source, name)
+            target.copy_(piece.view(local, rows, *piece.shape[1:]))
+    else:
+        raise AssertionError(f"unknown parameter kind {kind}")
 
 
 @torch.no_grad()
@@ -230,14 +250,7 @@ def load_hf_weights(model, hf_dir, model_cfg: dict | None = None, progress: bool
         spec = wmap.get(names[name])
         if spec is None:
             raise HFCheckpointError(f"no Hugging Face tensor maps to parameter {names[name]}")
-        local = _local_shard(reader, spec, param, model_cfg, tp_rank, tp)
-        if tuple(local.shape) != tuple(param.shape):
-            raise HFCheckpointError(
-                f"{spec.sources[0].name}: shape {tuple(local.shape)} does not fit {names[name]} "
-                f"{tuple(param.shape)}; is config.json the one these weights were saved with?"
-            )
-        param.data.copy_(local)
-        del local
+        _load_shard(reader, spec, param.data, names[name], model_cfg, tp_rank, tp)
 
 
 def import_hf_model(hf_dir, precision: str | None = None, encoder_seq_length: int | None = None,
@@ -456,17 +469,3 @@ def _special_token_ids(tokenizer_dir) -> dict:
 
     tok = load_tokenizer(str(tokenizer_dir))
     return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok._pad_id}
-
-
-def copy_tokenizer_files(source, dest) -> None:
-    """Copy the tokenizer files of ``source`` (a directory, or a file whose siblings are the
-    tokenizer's) into the Hugging Face directory ``dest``."""
-    src = Path(source)
-    folder = src if src.is_dir() else src.parent
-    if src.is_file() and src.suffix == ".model":
-        shutil.copy2(src, Path(dest) / "tokenizer.model")
-    elif src.is_file():
-        shutil.copy2(src, Path(dest) / "tokenizer.json")
-    for name in TOKENIZER_FILES:
-        if (folder / name).is_file() and not (Path(dest) / name).exists():
-            shutil.copy2(folder / name, Path(dest) / name)

@@ -201,12 +201,13 @@ def hf_config_from_model_cfg(model_cfg: dict, model_type: str, dtype: str, speci
     heads = int(model_cfg["num_attention_heads"])
     hidden = int(model_cfg["hidden_size"])
     ids = {k: v for k, v in special_ids.items() if v is not None}
+    max_positions = int(model_cfg.get("max_position_embeddings") or model_cfg["encoder_seq_length"])
     if model_type == "gpt2":
         cfg.update(
             architectures=["GPT2LMHeadModel"], model_type="gpt2", n_embd=hidden,
             n_layer=int(model_cfg["num_layers"]), n_head=heads,
             n_inner=int(model_cfg.get("ffn_hidden_size") or 4 * hidden),
-            n_positions=int(model_cfg["max_position_embeddings"]),
+            n_positions=max_positions,
             activation_function={"gelu_tanh": "gelu_new"}.get(model_cfg["activation"], model_cfg["activation"]),
             layer_norm_epsilon=float(model_cfg.get("layernorm_epsilon", 1e-5)),
             tie_word_embeddings=True, vocab_size=int(model_cfg["vocab_size"]),
@@ -220,8 +221,8 @@ def hf_config_from_model_cfg(model_cfg: dict, model_type: str, dtype: str, speci
             num_hidden_layers=int(model_cfg["num_layers"]), num_attention_heads=heads,
             num_key_value_heads=int(model_cfg.get("num_query_groups") or heads),
             head_dim=int(model_cfg.get("kv_channels") or hidden // heads),
-            hidden_act="silu", rms_norm_eps=float(model_cfg.get("layernorm_epsilon", 1e-6)),
-            max_position_embeddings=int(model_cfg["max_position_embeddings"]),
+            hidden_act="silu", rms_norm_eps=float(model_cfg.get("layernorm_epsilon", 1e-5)),
+            max_position_embeddings=max_positions,
             rope_theta=float(model_cfg.get("rotary_base", 10000)),
             tie_word_embeddings=bool(model_cfg.get("share_embeddings_and_output_weights", False)),
             vocab_size=int(model_cfg["vocab_size"]), attention_dropout=0.0,
