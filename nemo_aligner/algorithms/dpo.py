@@ -303,7 +303,7 @@ def _build(cfg, trainer_cls, settings, make_dataset):
     setup.init_distributed(cfg)
     model_cfg = setup.resolve_model_cfg(cfg)
     tokenizer, tokenizer_src = setup.build_tokenizer(cfg)
-    model_cfg["vocab_size"] = tokenizer.vocab_size
+    vocab_size = setup.set_vocab_size(model_cfg, tokenizer)
     opts = group_data.data_settings(cfg, model_cfg)
     train_path, val_path = group_data.data_paths(cfg)
     base_train = make_dataset(train_path, tokenizer, opts)
@@ -315,7 +315,7 @@ def _build(cfg, trainer_cls, settings, make_dataset):
     val_ds = group_data.maybe_pack(cfg, base_val, opts["max_seq_length"], use_packed_file=False,
                                      pack_size=getattr(train_ds, "pack_size", None)) if base_val is not None else None
     train_loader, val_loader, collate = group_data.group_loaders(cfg, model_cfg, train_ds, val_ds, tokenizer.pad_id)
-    model = setup.build_model(cfg, model_cfg, tokenizer.vocab_size)
+    model = setup.build_model(cfg, model_cfg, vocab_size)
     datasets = {"train": (train_ds, base_train)}
     if base_val is not None:
         datasets["validation"] = (val_ds, base_val)

@@ -137,7 +137,7 @@ def build_rm_trainer(cfg) -> RewardModelTrainer:
         model_cfg.update({k: saved[k] for k in ("reward_model_type", "num_attributes") if k in saved})
     settings = RMSettings.from_cfg(cfg, model_cfg)
     tokenizer, tokenizer_src = setup.build_tokenizer(cfg)
-    model_cfg["vocab_size"] = tokenizer.vocab_size
+    vocab_size = setup.set_vocab_size(model_cfg, tokenizer)
     opts = group_data.data_settings(cfg, model_cfg)
     common = dict(truncation=opts["truncation"], add_bos=opts["add_bos"], add_eos=opts["add_eos"])
 
@@ -157,7 +157,7 @@ def build_rm_trainer(cfg) -> RewardModelTrainer:
     val_ds = group_data.maybe_pack(cfg, val_ds, opts["max_seq_length"], use_packed_file=False,
                                      pack_size=getattr(train_ds, "pack_size", None)) if val_ds is not None else None
     train_loader, val_loader, _ = group_data.group_loaders(cfg, model_cfg, train_ds, val_ds, tokenizer.pad_id)
-    model = build_rm_model(cfg, model_cfg, tokenizer.vocab_size)
+    model = build_rm_model(cfg, model_cfg, vocab_size)
     trainer = RewardModelTrainer(
         cfg, model, None, None, train_loader, val_loader,
         checkpoint_manager=setup.checkpoint_manager(cfg), model_cfg_to_save=model_cfg,

@@ -64,29 +64,35 @@ def _response_text(response, field: str) -> str:
     return response
 
 
-def render_prompt_response(prompt, response, response_field: str = "response") -> tuple[str, str]:
-    """``(prompt_text, response_text)`` for one prompt and one of its responses.
+def render_prompt_response(prompt, response, response_field: str = "response", chat_template=None):
+    """``(prompt_text, response_text, closed)`` for one prompt and one of its responses.
 
     A string prompt is used as is (its template is already applied) and the response must
-    be a string. A message-list prompt is rendered with the chat template, with the response
-    as the final assistant turn: the prompt text ends with the assistant header, the response
-    text is the turn's content and its end-of-turn marker. This is the one place that knows
-    how conversations become text; raises ``ValueError`` naming the offending field.
+    be a string. A message-list prompt is rendered as a conversation whose final assistant
+    turn is the response, with ``chat_template`` (a tokenizer's Hugging Face template) when
+    given, else the built-in chat format: the prompt text ends where the assistant's reply
+    starts, the response text is the reply as the template writes it (with whatever closes
+    the turn). ``closed`` is True when a Hugging Face template closed the turn itself, so no
+    EOS should follow. This is the one place that knows how conversations become text;
+    raises ``ValueError`` naming the offending field.
     """
     if isinstance(prompt, str):
         if not isinstance(response, str):
             raise ValueError(
                 f"field '{response_field}' must be a string when 'prompt' is a string, got {_type_name(response)}"
             )
-        return prompt, response
+        return prompt, response, False
     if not isinstance(prompt, list) or not prompt:
         raise ValueError(f"field 'prompt' must be a string or a non-empty list of messages, got {_type_name(prompt)}")
     text = _response_text(response, response_field)
     try:
-        segments = render_chat_segments({"messages": [*prompt, {"role": "assistant", "content": text}]})
+        segments = render_chat_segments({"messages": [*prompt, {"role": "assistant", "content": text}]}, chat_template)
     except ValueError as e:
         raise ValueError(str(e).replace("field 'messages'", "field 'prompt'").replace("messages[", "prompt[")) from None
-    return "".join(t for t, _ in segments[:-1]), segments[-1][0]
+    last = max(i for i, (_, is_response) in enumerate(segments) if is_response)
+    # Text a template puts after the final turn belongs to the scored sequence too.
+    response_text = "".join(t for t, _ in segments[last:])
+    return "".join(t for t, _ in segments[:last]), response_text, chat_template is not None
 
 
 # ---------------------------------------------------------------------------- sequences
@@ -128,8 +134,11 @@ class _Tokenized:
     def prefix_ids(self, prompt_text: str) -> list[int]:
         return ([self.tokenizer.bos_id] if self.add_bos else []) + self.tokenizer.text_to_ids(prompt_text)
 
-    def response_ids(self, response_text: str) -> list[int]:
-        return self.tokenizer.text_to_ids(response_text) + ([self.tokenizer.eos_id] if self.add_eos else [])
+    def response_ids(self, response_text: str, closed: bool = False) -> list[int]:
+        """Token ids of a response, plus EOS (when ``add_eos``, unless a chat template already
+        closed the turn)."""
+        eos = [self.tokenizer.eos_id] if self.add_eos and not closed else []
+        return self.tokenizer.text_to_ids(response_text) + eos
 
     def fit(self, prefix: list[int], response: list[int], where: str, field: str):
         """``(ids, mask, truncated)`` of ``prefix + response`` within ``max_seq_length``, or
@@ -188,13 +197,14 @@ class PreferenceDataset(torch.utils.data.Dataset, _Tokenized):
         for line_no, sample in read_jsonl(self.path):
             where = f"{self.path}:{line_no}"
             try:
-                texts, rewards, margin = self._parse(sample, require_gt_rewards, require_margin)
+                texts, rewards, margin = self._parse(sample, require_gt_rewards, require_margin, tokenizer.chat_template)
             except ValueError as e:
                 raise DataError(f"{where}: {e}") from None
-            prefix_c = self.prefix_ids(texts[0])
-            chosen = self.fit(prefix_c, self.response_ids(texts[1]), where, "chosen_response")
-            prefix_r = prefix_c if texts[2] == texts[0] else self.prefix_ids(texts[2])
-            rejected = self.fit(prefix_r, self.response_ids(texts[3]), where, "rejected_response")
+            (prompt_c, text_c, closed_c), (prompt_r, text_r, closed_r) = texts
+            prefix_c = self.prefix_ids(prompt_c)
+            chosen = self.fit(prefix_c, self.response_ids(text_c, closed_c), where, "chosen_response")
+            prefix_r = prefix_c if prompt_r == prompt_c else self.prefix_ids(prompt_r)
+            rejected = self.fit(prefix_r, self.response_ids(text_r, closed_r), where, "rejected_response")
             if chosen is None or rejected is None:
                 self.num_dropped += 1
                 continue
@@ -209,12 +219,12 @@ class PreferenceDataset(torch.utils.data.Dataset, _Tokenized):
         self.lengths = [self.seq_length(c) + self.seq_length(r) for c, _, r, _ in self.pairs]
 
     @staticmethod
-    def _parse(sample, require_gt_rewards, require_margin):
+    def _parse(sample, require_gt_rewards, require_margin, chat_template):
         for field in ("prompt", "chosen_response", "rejected_response"):
             if field not in sample:
                 raise ValueError(f"missing field '{field}' (preference lines need 'prompt', 'chosen_response', 'rejected_response')")
-        prompt_c, chosen = render_prompt_response(sample["prompt"], sample["chosen_response"], "chosen_response")
-        prompt_r, rejected = render_prompt_response(sample["prompt"], sample["rejected_response"], "rejected_response")
+        chosen = render_prompt_response(sample["prompt"], sample["chosen_response"], "chosen_response", chat_template)
+        rejected = render_prompt_response(sample["prompt"], sample["rejected_response"], "rejected_response", chat_template)
         rc, rr = _number(sample, "chosen_reward"), _number(sample, "rejected_reward")
         if require_gt_rewards and (rc is None or rr is None):
             missing = "chosen_reward" if rc is None else "rejected_reward"
@@ -225,7 +235,7 @@ class PreferenceDataset(torch.utils.data.Dataset, _Tokenized):
         if require_margin and margin is None:
             raise ValueError("missing field 'margin'; this reward loss needs 'margin' (or 'chosen_reward' and 'rejected_reward') on every line")
         nan = float("nan")
-        return (prompt_c, chosen, prompt_r, rejected), [nan if rc is None else rc, nan if rr is None else rr], (nan if margin is None else margin)
+        return (chosen, rejected), [nan if rc is None else rc, nan if rr is None else rr], (nan if margin is None else margin)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -324,10 +334,11 @@ class RewardScoringDataset(torch.utils.data.Dataset, _Tokenized):
         for line_no, sample in read_jsonl(self.path):
             where = f"{self.path}:{line_no}"
             try:
-                kind, pieces = self._parse(sample)
+                kind, pieces = self._parse(sample, tokenizer.chat_template)
             except ValueError as e:
                 raise DataError(f"{where}: {e}") from None
-            fitted = [self.fit(self.prefix_ids(p), self.response_ids(r), where, field) for p, r, field in pieces]
+            fitted = [self.fit(self.prefix_ids(p), self.response_ids(r, closed), where, field)
+                      for (p, r, closed), field in pieces]
             if any(f is None for f in fitted):
                 self.num_dropped += 1
                 continue
@@ -338,23 +349,23 @@ class RewardScoringDataset(torch.utils.data.Dataset, _Tokenized):
         self.check_not_empty(len(self.lines))
 
     @staticmethod
-    def _parse(sample):
+    def _parse(sample, chat_template):
         if "chosen_response" in sample or "rejected_response" in sample:
             for field in ("prompt", "chosen_response", "rejected_response"):
                 if field not in sample:
                     raise ValueError(f"missing field '{field}' (a pair needs 'prompt', 'chosen_response', 'rejected_response')")
             return "pair", [
-                (*render_prompt_response(sample["prompt"], sample["chosen_response"], "chosen_response"), "chosen_response"),
-                (*render_prompt_response(sample["prompt"], sample["rejected_response"], "rejected_response"), "rejected_response"),
+                (render_prompt_response(sample["prompt"], sample[f], f, chat_template), f)
+                for f in ("chosen_response", "rejected_response")
             ]
         if "prompt" in sample or "response" in sample:
             for field in ("prompt", "response"):
                 if field not in sample:
                     raise ValueError(f"missing field '{field}' (give 'text', or 'prompt' and 'response')")
-            return "single", [(*render_prompt_response(sample["prompt"], sample["response"], "response"), "response")]
+            return "single", [(render_prompt_response(sample["prompt"], sample["response"], "response", chat_template), "response")]
         if not isinstance(sample.get("text"), str):
             raise ValueError("field 'text' must be a string (lines need 'text', 'prompt' + 'response', or a preference pair)")
-        return "single", [("", sample["text"], "text")]
+        return "single", [(("", sample["text"], False), "text")]
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -396,11 +407,13 @@ class KTODataset(torch.utils.data.Dataset, _Tokenized):
                 for field in ("prompt", "response", "preference"):
                     if field not in sample:
                         raise ValueError(f"missing field '{field}' (KTO lines need 'prompt', 'response', 'preference')")
-                prompt, response = render_prompt_response(sample["prompt"], sample["response"], "response")
+                prompt, response, closed = render_prompt_response(
+                    sample["prompt"], sample["response"], "response", tokenizer.chat_template
+                )
                 flag = _preference_flag(sample["preference"])
             except ValueError as e:
                 raise DataError(f"{where}: {e}") from None
-            prefix, resp = self.prefix_ids(prompt), self.response_ids(response)
+            prefix, resp = self.prefix_ids(prompt), self.response_ids(response, closed)
             fitted = self.fit(prefix, resp, where, "response")
             if fitted is None:
                 self.num_dropped += 1

@@ -69,10 +69,10 @@ def test_pair_layout_shifted_with_mask_on_response_and_eos(tmp_path):
 
 def test_message_list_prompt_renders_through_the_chat_template(tmp_path):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    prompt, response = render_prompt_response(messages, {"role": "assistant", "content": "Yo"}, "chosen_response")
+    prompt, response, closed = render_prompt_response(messages, {"role": "assistant", "content": "Yo"}, "chosen_response")
     assert prompt == "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n"
-    assert response == "Yo" + END_OF_TURN
-    assert render_prompt_response(messages, [{"role": "assistant", "content": "Yo"}]) == (prompt, response)
+    assert response == "Yo" + END_OF_TURN and not closed
+    assert render_prompt_response(messages, [{"role": "assistant", "content": "Yo"}]) == (prompt, response, False)
     ds = PreferenceDataset(write(tmp_path / "p.jsonl", [pair(messages, "Yo", [{"role": "assistant", "content": "No"}])]), TOK, 128)
     chosen = ds[0]["sequences"][0]
     n_prompt = len(ids(prompt))
@@ -205,3 +205,38 @@ def test_stale_packs_file_names_the_dpo_script(tmp_path):
     other = PreferenceDataset(write(tmp_path / "q.jsonl", [pair(), pair(chosen="abcdef")]), TOK, 16)
     with pytest.raises(ValueError, match="prepare_packed_dpo_dataset.py"):
         PackedGroupDataset.from_file(other, tmp_path / "packs.json")
+
+
+CHATML = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_message_prompts_use_the_tokenizers_hf_chat_template(tmp_path):
+    """With a Hugging Face chat template the pair renders as transformers renders it, the
+    response is the assistant turn as the template closes it, and no EOS is added."""
+    from transformers import PreTrainedTokenizerFast
+
+    from helpers import ROOT
+    from nemo_aligner.data.tokenizers import load_tokenizer
+
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(ROOT / "data/quickstart/tokenizer.json"),
+                                 bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    hf.chat_template = CHATML
+    hf.save_pretrained(tmp_path / "tok")
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    assert tok.chat_template is not None
+    messages = [{"role": "user", "content": "Repeat twice: owl"}]
+    ds = PreferenceDataset(write(tmp_path / "p.jsonl", [pair(messages, "owl owl", "owl")]), tok, 64)
+    chosen = ds[0]["sequences"][0]
+    ids_full = chosen["tokens"].tolist() + chosen["labels"].tolist()[-1:]
+    conversation = messages + [{"role": "assistant", "content": "owl owl"}]
+    assert tok.ids_to_text(ids_full) == hf.apply_chat_template(conversation, tokenize=False)
+    assert ids_full[-1] != tok.eos_id
+    prompt_text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    n_prompt = len(tok.text_to_ids(prompt_text))
+    assert chosen["loss_mask"].tolist() == [0] * (n_prompt - 1) + [1] * (len(ids_full) - n_prompt)
+    assert tok.ids_to_text(ids_full[n_prompt:]) == "owl owl<|im_end|>\n"
