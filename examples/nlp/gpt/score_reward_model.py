@@ -18,10 +18,15 @@ import hydra
 
 
 def score(cfg) -> None:
-    from nemo_aligner.checkpoint.distributed import read_model_config
+    from nemo_aligner.checkpoint.distributed import CheckpointError, read_model_config
     from nemo_aligner.data.preference import RewardScoringDataset, group_collate
     from nemo_aligner.data.tokenizers import load_tokenizer
-    from nemo_aligner.models.reward_model import reward_model_from_checkpoint, reward_settings, standardization
+    from nemo_aligner.models.reward_model import (
+        is_reward_checkpoint,
+        reward_model_from_checkpoint,
+        reward_settings,
+        standardization,
+    )
     from nemo_aligner.utils import distributed
     from nemo_aligner.utils.config import cfg_get
     from nemo_aligner.utils.logging import get_logger
@@ -33,6 +38,11 @@ def score(cfg) -> None:
             raise ValueError(f"set {key}")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"pretrained_checkpoint.restore_from_path={path} does not exist")
+    if not is_reward_checkpoint(path):
+        raise CheckpointError(
+            f"{path} is not a reward-model checkpoint (no model_config.yaml with reward_model_type); "
+            "give the final_model or a checkpoint written by train_reward_model.py"
+        )
     saved = read_model_config(path)
     settings = reward_settings(saved)
     data = saved.get("data") or {}
