@@ -3,22 +3,27 @@
 Why not Megatron-Core's own engines: its ``StaticInferenceEngine`` / text generation
 controller draw all samples from one shared generator (no per-sample seeds, so a sample
 depends on the batch it ran in), create CUDA tensors and events directly, and feed prompts
-of different lengths token by token after the shortest one. This module keeps what fits --
-Megatron's ``StaticInferenceContext`` KV cache driven through
-``GPTModel.forward(..., inference_context=...)`` -- and writes a lean loop around it:
+of different lengths token by token after the shortest one. This module writes a lean loop
+instead:
 
 - one prefill forward over the whole (left-padded) batch, then one forward per new token
-  over the whole batch; pad keys are masked out, and each row's RoPE angles (or learned
-  position ids) come from its own positions ``0, 1, ...``, so a row computes exactly what a
-  run of that prompt alone computes;
+  over the whole batch; pad keys are masked out and each row's rotary angles (or learned
+  position ids) come from its own positions ``0, 1, ...``, so a row computes what a run of
+  that prompt alone computes;
 - only the last position's logits are materialized (``[B, V]``, gathered over TP for
-  sampling); sampling and log-probs run on the real vocabulary (padded ids are never
-  drawn);
-- finished rows are dropped from the batch and from the KV cache once a quarter of the
-  batch has finished, so they stop costing work.
+  sampling); sampling and log-probs use the real vocabulary (padded ids are never drawn);
+- finished rows are dropped from the batch and the KV cache once a quarter of the batch
+  has finished, so they stop costing work.
+
+Two interchangeable decoders run the model with a KV cache (``decoder=``):
+:class:`~nemo_aligner.generation.lean_decoder.LeanDecoder` (``"lean"``, a lean forward over
+the model's own parameters for the local layer spec; the fast one on CPU) and
+:class:`~nemo_aligner.generation.context_decoder.MegatronContextDecoder` (``"megatron"``,
+``GPTModel.forward`` with Megatron's ``StaticInferenceContext``; works with any layer spec).
+``"auto"`` takes the lean one where it applies.
 
 Weights: by default the engine runs on the training model itself (``refit`` is free);
-:meth:`MegatronEngine.with_own_weights` builds a separate copy (another dtype) that
+:meth:`MegatronEngine.with_own_weights` builds a separate copy (e.g. another dtype) that
 ``refit`` overwrites in place. Pipeline parallelism: the engine's model must hold every
 layer (PP=1); see :mod:`nemo_aligner.generation.refit`.
 """
@@ -26,7 +31,6 @@ layer (PP=1); see :mod:`nemo_aligner.generation.refit`.
 import contextlib
 
 import torch
-from megatron.core.inference.contexts import StaticInferenceContext
 
 from nemo_aligner.generation.engine import (
     GenerationError,
@@ -34,50 +38,25 @@ from nemo_aligner.generation.engine import (
     RolloutEngine,
     SamplingParams,
 )
+from nemo_aligner.generation.context_decoder import MegatronContextDecoder
+from nemo_aligner.generation.lean_decoder import LeanDecoder, unsupported_reason
 from nemo_aligner.generation.refit import WeightCopier, unwrap_model
 from nemo_aligner.generation.sampling import choose_next_tokens
 from nemo_aligner.generation.stopping import StopStringMatcher
 
 
-class _RowPositionRotary(torch.nn.Module):
-    """Stands in for ``model.rotary_pos_emb`` during generation: per-row RoPE angles.
-
-    Megatron's static KV-cache path rotates queries and keys by their *cache slot*; with
-    left padding a row's slot is not its position. This returns the model's own rotary
-    table re-indexed by each row's positions, ``[slots, B, 1, dim]``, which the attention
-    slices by slot exactly as it would the ``[slots, 1, 1, dim]`` original.
-    """
-
-    def __init__(self, inner, positions: torch.Tensor):
-        super().__init__()
-        self.inner = inner
-        full = inner(int(positions.max()) + 1)  # [P, 1, 1, dim]
-        self.table = full[:, 0, 0, :][positions.t()].unsqueeze(2)
-
-    def keep_rows(self, index: torch.Tensor) -> None:
-        self.table = self.table[:, index]
-
-    def forward(self, max_seq_len, offset=0, packed_seq=False, cp_group=None):
-        return self.table
-
-    def get_rotary_seq_len(self, *args, **kwargs):
-        return self.inner.get_rotary_seq_len(*args, **kwargs)
-
-
 @contextlib.contextmanager
-def _generation_mode(model, rotary):
-    """Eval mode and the per-row rotary table for the duration of a generate call."""
+def _eval_mode(model):
+    """Eval mode (no dropout) for a generate call; the caller's mode is restored after."""
     was_training = model.training
-    original = getattr(model, "rotary_pos_emb", None)
     model.eval()
-    if rotary is not None:
-        model.rotary_pos_emb = rotary
     try:
         yield
     finally:
-        if rotary is not None:
-            model.rotary_pos_emb = original
         model.train(was_training)
+
+
+DECODERS = ("auto", "lean", "megatron")
 
 
 class MegatronEngine(RolloutEngine):
@@ -96,6 +75,7 @@ class MegatronEngine(RolloutEngine):
             ``max_sequence_length``).
         max_batch_size: prompts are generated in chunks of this many (sorted by length so
             a chunk pads little).
+        decoder: ``"auto"``, ``"lean"`` or ``"megatron"`` (see the module docstring).
     """
 
     def __init__(
@@ -109,6 +89,7 @@ class MegatronEngine(RolloutEngine):
         add_bos: bool = False,
         max_sequence_length: int | None = None,
         max_batch_size: int = 64,
+        decoder: str = "auto",
     ):
         self.model = unwrap_model(model)
         if not (self.model.pre_process and self.model.post_process):
@@ -128,6 +109,12 @@ class MegatronEngine(RolloutEngine):
         self.max_sequence_length = int(max_sequence_length or self.model.max_sequence_length)
         self.max_batch_size = int(max_batch_size)
         self._copier = None  # set when the engine holds its own weights
+        if decoder not in DECODERS:
+            raise GenerationError(f"decoder={decoder!r}; choose one of {DECODERS}")
+        reason = unsupported_reason(self.model)
+        if decoder == "lean" and reason is not None:
+            raise GenerationError(f"the lean decoder does not support {reason}; use decoder='megatron'")
+        self.decoder = "lean" if decoder == "lean" or (decoder == "auto" and reason is None) else "megatron"
 
     # ----------------------------------------------------------------- weights
     @classmethod
@@ -265,25 +252,18 @@ class MegatronEngine(RolloutEngine):
         b, width = len(ids), params.max_new_tokens
         lens = torch.tensor([len(r) for r in ids], device=device)
         prompt_len = int(lens.max())
-        slots = prompt_len + width
 
         # Left padding: row r's prompt occupies slots pad[r] .. prompt_len - 1.
         prompt = torch.full((b, prompt_len), self.pad_id, dtype=torch.long, device=device)
         for r, row in enumerate(ids):
             prompt[r, prompt_len - len(row):] = torch.tensor(row, device=device)
         pad = prompt_len - lens
-        slot = torch.arange(slots, device=device)
+        slot = torch.arange(prompt_len + width, device=device)
         positions = (slot.unsqueeze(0) - pad.unsqueeze(1)).clamp_(min=0)  # [b, slots]
         key_valid = slot.unsqueeze(0) >= pad.unsqueeze(1)  # [b, slots]
 
-        rotary = (
-            _RowPositionRotary(model.rotary_pos_emb, positions)
-            if getattr(model, "position_embedding_type", None) == "rope" else None
-        )
-        context = StaticInferenceContext(b, slots)
         end_ids = self._end_ids(params, device)
         generators = None if params.greedy else [torch.Generator().manual_seed(s) for s in seeds]
-
         out_tokens = torch.full((b, width), self.pad_id, dtype=torch.long, device=device)
         out_logprobs = torch.zeros(b, width, device=device)
         out_sampling = torch.zeros(b, width, device=device)
@@ -291,22 +271,15 @@ class MegatronEngine(RolloutEngine):
         is_end = torch.zeros(b, dtype=torch.bool, device=device)
         rows = torch.arange(b, device=device)  # chunk row of each live batch row
         active = torch.ones(b, dtype=torch.bool, device=device)
+        banned = torch.ones(b, dtype=torch.bool, device=device)
 
-        with _generation_mode(model, rotary):
-            # Prefill: causal among real tokens; a pad query sees itself only (keeps it finite).
-            causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=device).tril_()
-            allowed = (causal.unsqueeze(0) & key_valid[:, None, :prompt_len]) | torch.eye(
-                prompt_len, dtype=torch.bool, device=device
-            )
-            logits = self._forward(prompt, positions[:, :prompt_len], ~allowed.unsqueeze(1), context)
-            context.sequence_len_offset = prompt_len
-
+        decoder_cls = LeanDecoder if self.decoder == "lean" else MegatronContextDecoder
+        with _eval_mode(model), decoder_cls(model, positions, key_valid) as decoder:
+            logits = decoder.prefill(prompt)
             for t in range(width):
-                banned = None
-                if t < params.min_new_tokens:
-                    banned = torch.ones(rows.numel(), dtype=torch.bool, device=device)
                 tok, lp, slp = choose_next_tokens(
-                    logits[:, -1, : self.vocab_size].float(), params, generators, banned, end_ids
+                    logits[:, : self.vocab_size].float(), params, generators,
+                    banned[: rows.numel()] if t < params.min_new_tokens else None, end_ids,
                 )
                 live = rows[active]
                 out_tokens[live, t] = tok[active]
@@ -324,29 +297,9 @@ class MegatronEngine(RolloutEngine):
                     break
                 if int(active.sum()) <= 0.75 * rows.numel():
                     keep = active.nonzero().squeeze(1)
-                    self._keep_rows(context, keep)
-                    if rotary is not None:
-                        rotary.keep_rows(keep)
-                    positions, key_valid, tok = positions[keep], key_valid[keep], tok[keep]
-                    rows, active = rows[keep], active[keep]
+                    decoder.keep_rows(keep)
+                    tok, rows, active = tok[keep], rows[keep], active[keep]
                     if generators is not None:
                         generators = [generators[i] for i in keep.tolist()]
-                cur = prompt_len + t  # the slot of the token being fed
-                mask = ~key_valid[:, None, None, : cur + 1]
-                logits = self._forward(tok.unsqueeze(1), positions[:, cur:cur + 1], mask, context)
-                context.sequence_len_offset += 1
+                logits = decoder.step(tok)
         return out_tokens, out_logprobs, out_sampling, lengths, is_end
-
-    def _forward(self, tokens, position_ids, mask, context):
-        return self.model(
-            tokens, position_ids, attention_mask=mask, inference_context=context,
-            runtime_gather_output=True,
-        )
-
-    @staticmethod
-    def _keep_rows(context: StaticInferenceContext, keep: torch.Tensor) -> None:
-        """Shrink every layer's KV cache to the rows in ``keep``."""
-        for layer, (k, v) in context.key_value_memory_dict.items():
-            context.key_value_memory_dict[layer] = (k[:, keep], v[:, keep])
-        context.max_batch_size = int(keep.numel())
-
