@@ -189,6 +189,11 @@ class MegatronEngine(RolloutEngine):
 
     def _check_lengths(self, ids, params: SamplingParams) -> None:
         limit = self.max_sequence_length - params.max_new_tokens
+        if limit < 1:
+            raise GenerationError(
+                f"sampling.max_new_tokens={params.max_new_tokens} leaves no room for a prompt: the "
+                f"model holds {self.max_sequence_length} positions; lower sampling.max_new_tokens"
+            )
         for i, row in enumerate(ids):
             if len(row) > limit:
                 raise GenerationError(
