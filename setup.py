@@ -17,6 +17,7 @@ setup(
         "hydra-core>=1.3",
         "omegaconf>=2.3",
         "sentencepiece",
+        "jinja2>=3.1.6",  # chat templates (sandboxed); older releases have sandbox escapes
         "tokenizers>=0.19",
         "safetensors",
         "tensorboard",

@@ -88,7 +88,7 @@ def build_sft_trainer(cfg) -> SupervisedTrainer:
     setup.init_distributed(cfg)
     model_cfg = setup.resolve_model_cfg(cfg)
     tokenizer, tokenizer_src = setup.build_tokenizer(cfg)
-    model_cfg["vocab_size"] = tokenizer.vocab_size
+    vocab_size = setup.set_vocab_size(model_cfg, tokenizer)
     train_ds, val_ds, collate = build_sft_datasets(cfg, model_cfg, tokenizer)
     dp_rank, dp_size = setup.data_parallel_info()
     data = cfg_get(cfg, "model.data")
@@ -104,7 +104,7 @@ def build_sft_trainer(cfg) -> SupervisedTrainer:
 
     train_loader = loader(train_ds, bool(data.get("shuffle", True)), bool(data.get("drop_last", True)))
     val_loader = loader(val_ds, False, False) if val_ds is not None else None
-    model = setup.build_model(cfg, model_cfg, tokenizer.vocab_size)
+    model = setup.build_model(cfg, model_cfg, vocab_size)
     trainer = SupervisedTrainer(
         cfg, model, None, None, train_loader, val_loader,
         checkpoint_manager=setup.checkpoint_manager(cfg),

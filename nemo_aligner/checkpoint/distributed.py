@@ -29,6 +29,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from omegaconf import OmegaConf
 
+from nemo_aligner.data.tokenizers import copy_tokenizer_files
 from nemo_aligner.utils.cpu_support import cuda_on_cpu
 from nemo_aligner.utils.distributed import barrier, broadcast_object, is_global_rank_zero
 
@@ -97,20 +98,6 @@ def _restore_rng(state) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def copy_tokenizer(source, dest) -> None:
-    """Copy a tokenizer (directory, ``tokenizer.json`` or SentencePiece file) into ``dest``."""
-    src = Path(source)
-    if src.is_dir():
-        shutil.copytree(src, dest)
-        return
-    dest.mkdir(parents=True)
-    name = "tokenizer.model" if src.suffix == ".model" else src.name
-    shutil.copy2(src, dest / name)
-    config = src.with_name("tokenizer_config.json")
-    if config.is_file() and config != src:
-        shutil.copy2(config, dest / config.name)
-
-
 def save_checkpoint(
     path,
     model_chunks,
@@ -142,7 +129,7 @@ def save_checkpoint(
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
         OmegaConf.save(OmegaConf.create(model_cfg), tmp / MODEL_CONFIG)
         if tokenizer_dir is not None:
-            copy_tokenizer(tokenizer_dir, tmp / "tokenizer")
+            copy_tokenizer_files(tokenizer_dir, tmp / "tokenizer")
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -51,11 +51,16 @@ def read_jsonl(path: str) -> list[tuple[int, dict]]:
     return samples
 
 
-def sft_segments(sample: dict, prompt_template: str) -> list[tuple[str, bool]]:
+def is_chat_sample(sample: dict) -> bool:
+    return "conversations" in sample or "messages" in sample
+
+
+def sft_segments(sample: dict, prompt_template: str, chat_template=None) -> list[tuple[str, bool]]:
     """``[(text, is_loss), ...]`` of one SFT line: chat if it has ``conversations`` (or
-    ``messages``), else ``[(prompt, False), (output, True)]``. Raises ``ValueError``."""
-    if "conversations" in sample or "messages" in sample:
-        return render_chat_segments(sample)
+    ``messages``, rendered with ``chat_template`` when given), else
+    ``[(prompt, False), (output, True)]``. Raises ``ValueError``."""
+    if is_chat_sample(sample):
+        return render_chat_segments(sample, chat_template)
     for field in ("input", "output"):
         if field not in sample:
             raise ValueError(f"missing field '{field}' ({_SFT_FIELDS_HINT})")
@@ -108,7 +113,7 @@ class SFTDataset(torch.utils.data.Dataset):
         for line_no, sample in read_jsonl(self.path):
             where = f"{self.path}:{line_no}"
             try:
-                segments = sft_segments(sample, prompt_template)
+                segments = sft_segments(sample, prompt_template, tokenizer.chat_template)
             except ValueError as e:
                 raise DataError(f"{where}: {e}") from None
             ids = [tokenizer.bos_id] if add_bos else []
@@ -117,7 +122,8 @@ class SFTDataset(torch.utils.data.Dataset):
                 piece = tokenizer.text_to_ids(text)
                 ids += piece
                 mask += [int(is_loss)] * len(piece)
-            if add_eos:
+            # A Hugging Face chat template closes each turn itself; EOS would be one too many.
+            if add_eos and not (tokenizer.chat_template is not None and is_chat_sample(sample)):
                 ids.append(tokenizer.eos_id)
                 mask.append(int(segments[-1][1]))
             if not any(mask[1:]):

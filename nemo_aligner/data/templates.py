@@ -45,28 +45,37 @@ def check_prompt_template(template: str) -> None:
         raise ValueError(f"prompt template {template!r} has no '{{input}}' placeholder; add one where the input text goes")
 
 
-def render_chat_segments(sample: dict) -> list[tuple[str, bool]]:
+def parse_messages(turns, system=None, where: str = "messages") -> list[dict]:
+    """OpenAI-style ``[{"role", "content"}, ...]`` from ShareGPT ``{"from", "value"}`` or
+    OpenAI ``{"role", "content"}`` turns, with ``system`` (if given) first. Roles
+    (case-insensitive): ``system``, ``user``/``human``, ``assistant``/``gpt``. Raises
+    ``ValueError`` naming the offending turn."""
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"field '{where}' must be a non-empty list of turns, got {_type_name(turns)}")
+    if system is not None and not isinstance(system, str):
+        raise ValueError(f"field 'system' must be a string, got {_type_name(system)}")
+    parsed = [("system", system)] if system else []
+    parsed += [_parse_turn(turn, f"{where}[{i}]") for i, turn in enumerate(turns)]
+    return [{"role": role, "content": text} for role, text in parsed]
+
+
+def render_chat_segments(sample: dict, chat_template=None) -> list[tuple[str, bool]]:
     """Render a chat sample to ``[(text, is_loss), ...]``; concatenating the texts gives the
     full conversation, and adjacent segments alternate ``is_loss``.
 
-    ``sample`` has an optional ``"system"`` string and ``"conversations"`` (or ``"messages"``):
-    a list of turns, each either ShareGPT ``{"from", "value"}`` or OpenAI ``{"role",
-    "content"}``. Roles (case-insensitive): ``system``, ``user``/``human``,
-    ``assistant``/``gpt``. Raises ``ValueError`` describing the offending field when the
-    sample is malformed or has no assistant turn.
+    ``sample`` has an optional ``"system"`` string and ``"conversations"`` (or ``"messages"``),
+    turns as :func:`parse_messages` takes them. With a ``chat_template`` (a tokenizer's
+    Hugging Face template) the text is that template's; otherwise the format above. Raises
+    ``ValueError`` describing the offending field when the sample is malformed or has no
+    assistant turn.
     """
     key = "conversations" if "conversations" in sample else "messages"
-    turns = sample.get(key)
-    if not isinstance(turns, list) or not turns:
-        raise ValueError(f"field '{key}' must be a non-empty list of turns, got {_type_name(turns)}")
-    system = sample.get("system")
-    if system is not None and not isinstance(system, str):
-        raise ValueError(f"field 'system' must be a string, got {_type_name(system)}")
-
-    parsed = [("system", system)] if system else []
-    parsed += [_parse_turn(turn, f"{key}[{i}]") for i, turn in enumerate(turns)]
-    if not any(role == "assistant" for role, _ in parsed):
+    messages = parse_messages(sample.get(key), sample.get("system"), key)
+    if not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f"field '{key}' has no assistant turn, so there is nothing to train on")
+    if chat_template is not None:
+        return chat_template.segments(messages)
+    parsed = [(m["role"], m["content"]) for m in messages]
 
     segments: list[tuple[str, bool]] = []
     for i, (role, text) in enumerate(parsed):
@@ -74,6 +83,18 @@ def render_chat_segments(sample: dict) -> list[tuple[str, bool]]:
         _append(segments, header, False)
         _append(segments, text + END_OF_TURN, role == "assistant")
     return segments
+
+
+def render_chat_prompt(messages: list[dict], chat_template=None) -> str:
+    """A conversation rendered as a prompt: everything up to where the assistant's next reply
+    starts (the template's generation prompt, or this module's ``<|assistant|>`` header)."""
+    if chat_template is not None:
+        return chat_template.render(messages, add_generation_prompt=True)
+    text = "".join(
+        (TURN_SEPARATOR if i else "") + ROLE_HEADER.format(role=m["role"]) + m["content"] + END_OF_TURN
+        for i, m in enumerate(messages)
+    )
+    return text + (TURN_SEPARATOR if messages else "") + ROLE_HEADER.format(role="assistant")
 
 
 def _parse_turn(turn, where: str) -> tuple[str, str]:

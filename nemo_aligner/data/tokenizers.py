@@ -11,9 +11,13 @@ Contract shared by every implementation:
 import abc
 import json
 import os
+import shutil
+from pathlib import Path
 
 import sentencepiece
 import tokenizers
+
+from nemo_aligner.data.chat_template import ChatTemplate, load_chat_template
 
 
 class Tokenizer(abc.ABC):
@@ -39,6 +43,8 @@ class Tokenizer(abc.ABC):
     bos_id: int | None
     eos_id: int | None
     _pad_id: int | None
+    # The Hugging Face chat template next to the tokenizer files, if any (see chat_template.py).
+    chat_template: ChatTemplate | None = None
 
     @property
     def pad_id(self) -> int | None:
@@ -60,6 +66,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.bos_id = _none_if_negative(self._sp.bos_id())
         self.eos_id = _none_if_negative(self._sp.eos_id())
         self._pad_id = _none_if_negative(self._sp.pad_id())
+        self.chat_template = load_chat_template(os.path.dirname(os.path.abspath(self.model_path)))
 
     def text_to_ids(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -102,6 +109,7 @@ class HFTokenizer(Tokenizer):
             else:
                 ids[kind] = next((i for i in map(self._tok.token_to_id, candidates) if i is not None), None)
         self.bos_id, self.eos_id, self._pad_id = ids["bos"], ids["eos"], ids["pad"]
+        self.chat_template = load_chat_template(os.path.dirname(os.path.abspath(self.path)))
 
     @staticmethod
     def _read_config(config_path: str) -> dict:
@@ -152,3 +160,28 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 def _none_if_negative(token_id: int) -> int | None:
     return None if token_id < 0 else token_id
+
+
+# The files a tokenizer is made of (Hugging Face and SentencePiece), never model weights.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "added_tokens.json",
+)
+
+
+def copy_tokenizer_files(source, dest) -> None:
+    """Copy the tokenizer at ``source`` (a directory, a ``tokenizer.json`` or a SentencePiece
+    ``.model`` file) into directory ``dest`` as a directory :func:`load_tokenizer` reads.
+
+    Only tokenizer files are copied (:data:`TOKENIZER_FILES`, found in the directory or next
+    to the file), so a Hugging Face model directory gives its tokenizer, not its weights.
+    """
+    src, dest = Path(source), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    folder = src
+    if src.is_file():
+        shutil.copy2(src, dest / ("tokenizer.model" if src.suffix == ".model" else "tokenizer.json"))
+        folder = src.parent
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file() and not (dest / name).exists():
+            shutil.copy2(folder / name, dest / name)

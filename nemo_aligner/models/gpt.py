@@ -78,8 +78,12 @@ def padded_vocab_size(vocab_size: int, cfg) -> int:
     return padded
 
 
-def transformer_config(cfg) -> TransformerConfig:
-    """Translate ``model.*`` keys into a Megatron ``TransformerConfig``."""
+def transformer_config(cfg, initialize: bool = True) -> TransformerConfig:
+    """Translate ``model.*`` keys into a Megatron ``TransformerConfig``.
+
+    ``initialize=False`` leaves the weights uninitialized, for callers that load every
+    weight right after (Hugging Face import).
+    """
     activation, gated = _choice(cfg, "activation", ACTIVATIONS, "swiglu")
     dtype = params_dtype(cfg)
     tp = int(cfg_get(cfg, "tensor_model_parallel_size", 1))
@@ -124,7 +128,7 @@ def transformer_config(cfg) -> TransformerConfig:
         pipeline_dtype=dtype,
         autocast_dtype=dtype,
         use_cpu_initialization=True,
-        perform_initialization=True,
+        perform_initialization=initialize,
         # Fused kernels exist only on GPU.
         bias_activation_fusion=on_gpu and gated is False and activation is F.gelu,
         bias_dropout_fusion=on_gpu,
@@ -172,13 +176,24 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
 
-def build_gpt_model(cfg, vocab_size: int, pre_process=None, post_process=None, seed=None):
+def build_gpt_model(cfg, vocab_size: int, pre_process=None, post_process=None, seed=None,
+                    initialize: bool = True):
     """Build this rank's part of the GPT described by ``cfg`` (``model.*``).
 
-    ``vocab_size`` is the tokenizer's; it is padded (see :func:`padded_vocab_size`).
-    ``pre_process``/``post_process`` default to this rank's pipeline position.
+    ``vocab_size`` is the real vocabulary (the tokenizer's, or an imported model's); it is
+    padded (see :func:`padded_vocab_size`) and the padding ids are masked out of the logits
+    (see :func:`mask_padded_vocab`). ``pre_process``/``post_process`` default to this rank's
+    pipeline position. ``initialize=False`` skips weight initialization (the caller loads
+    every weight).
     """
-    config = transformer_config(cfg)
+    window = cfg_get(cfg, "sliding_window", None)
+    if window is not None and int(cfg_get(cfg, "encoder_seq_length")) > int(window):
+        raise ModelConfigError(
+            f"model.encoder_seq_length={cfg_get(cfg, 'encoder_seq_length')} exceeds the model's "
+            f"sliding_window={window}; attention here is full causal, which equals sliding-window "
+            f"attention only up to {window} tokens: set model.encoder_seq_length <= {window}"
+        )
+    config = transformer_config(cfg, initialize=initialize)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
@@ -220,6 +235,8 @@ def build_gpt_model(cfg, vocab_size: int, pre_process=None, post_process=None, s
             high_freq_factor=params.high_freq_factor,
             original_max_position_embeddings=params.original_max_position_embeddings,
         )
+    if post_process:
+        mask_padded_vocab(model, vocab_size)
     if config.params_dtype != torch.float32:
         # Megatron's norms are created in float32 whatever params_dtype says; like
         # Megatron's Float16Module, keep every parameter in the training dtype.
@@ -229,6 +246,36 @@ def build_gpt_model(cfg, vocab_size: int, pre_process=None, post_process=None, s
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def mask_padded_vocab(model, vocab_size: int) -> None:
+    """Give the padding rows of the vocabulary (ids >= ``vocab_size``) a logit of ``-inf``-like
+    magnitude, so softmax, log-probs, entropy and sampling see exactly the real vocabulary.
+
+    The padded vocabulary exists only to tile the output layer evenly over tensor-parallel
+    ranks; left alone, its rows would produce real logits (0 for zero-filled rows of an
+    imported model) that take probability mass. The value is finite, so entropies stay
+    finite (``p * z = 0``), and it is written in place over just the padding columns of this
+    rank's logits shard (their gradient is zero).
+    """
+    output_layer = getattr(model, "output_layer", None)
+    if output_layer is None:
+        return
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+
+    def hook(module, args, output):
+        logits = output[0]
+        width = logits.shape[-1]
+        gathered = tp == 1 or width != module.output_size_per_partition
+        start = 0 if gathered else tp_rank * width
+        lo = max(vocab_size - start, 0)
+        if lo < width:
+            logits.narrow(-1, lo, width - lo).fill_(torch.finfo(logits.dtype).min / 4)
+        return output
+
+    if output_layer.output_size_per_partition * tp > vocab_size:
+        output_layer.register_forward_hook(hook)
 
 
 def _stable_seed(seed: int, key: str, index: tuple) -> int:

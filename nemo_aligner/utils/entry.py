@@ -1,5 +1,6 @@
-"""What every training script does around its trainer: errors, final model, summary."""
+"""What every command-line script does around its work: user errors, final model, summary."""
 
+import contextlib
 import sys
 
 from nemo_aligner.utils.config import cfg_get
@@ -8,20 +9,30 @@ from nemo_aligner.utils.config import cfg_get
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotImplementedError)
 
 
-def run_training(cfg, build_trainer) -> None:
-    """Build the trainer, fit, export the final model; user errors exit 1 with one line."""
+@contextlib.contextmanager
+def report_user_errors():
+    """Turn an error the user can fix (bad config, data, path, checkpoint) into one line on
+    stderr and exit status 1; anything else propagates with its traceback."""
     from nemo_aligner.checkpoint.distributed import CheckpointError
     from nemo_aligner.utils import distributed
-    from nemo_aligner.utils.logging import get_logger
 
     try:
-        trainer = build_trainer(cfg)
+        yield
     except (*USER_ERRORS, CheckpointError) as e:
         rank = distributed.get_rank()
         prefix = f"[rank {rank}] " if rank else ""
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def run_training(cfg, build_trainer) -> None:
+    """Build the trainer, fit, export the final model; user errors exit 1 with one line."""
+    from nemo_aligner.utils import distributed
+    from nemo_aligner.utils.logging import get_logger
+
+    with report_user_errors():
+        trainer = build_trainer(cfg)
     log = get_logger()
     metrics = trainer.fit()
     log_dir = cfg_get(cfg, "exp_manager.explicit_log_dir")

@@ -18,6 +18,7 @@ from nemo_aligner.checkpoint.distributed import (
     load_checkpoint,
     read_model_config,
 )
+from nemo_aligner.checkpoint.hf import is_hf_dir, load_hf_weights, model_cfg_from_hf_dir
 from nemo_aligner.data.tokenizers import load_tokenizer
 from nemo_aligner.models.gpt import build_gpt_model
 from nemo_aligner.utils import distributed
@@ -31,11 +32,14 @@ ARCHITECTURE_KEYS = (
     "kv_channels", "normalization", "layernorm_epsilon", "activation", "bias", "qkv_bias",
     "position_embedding_type", "rotary_base", "rotary_percent", "rope_scaling",
     "seq_len_interpolation_factor", "share_embeddings_and_output_weights",
-    "max_position_embeddings", "make_vocab_size_divisible_by",
+    "max_position_embeddings", "make_vocab_size_divisible_by", "vocab_size", "sliding_window",
+    "hf_config",
 )
 
 
 def restore_path(cfg):
+    """``pretrained_checkpoint.restore_from_path`` as a Path (None when unset): one of our
+    checkpoints or a Hugging Face model directory, told apart by their files."""
     path = cfg_get(cfg, "pretrained_checkpoint.restore_from_path", None)
     if path is None:
         return None
@@ -45,18 +49,16 @@ def restore_path(cfg):
             f"pretrained_checkpoint.restore_from_path={path} does not exist; "
             "give a checkpoint directory written by training or a Hugging Face model directory"
         )
-    if is_checkpoint(p):
+    if is_checkpoint(p) or is_hf_dir(p):
         return p
-    if (p / "config.json").is_file():
-        raise CheckpointError(
-            f"{path} is a Hugging Face model directory; importing Hugging Face checkpoints is "
-            "not available in this version (see the Hugging Face interop issue); "
-            "convert it or restore from one of our checkpoints"
-        )
     raise CheckpointError(
         f"pretrained_checkpoint.restore_from_path={path} is neither one of our checkpoints "
         "(metadata.json + model_config.yaml) nor a Hugging Face directory (config.json)"
     )
+
+
+def _saved_model_cfg(path) -> dict:
+    return model_cfg_from_hf_dir(path) if is_hf_dir(path) and not is_checkpoint(path) else read_model_config(path)
 
 
 def resolve_model_cfg(cfg):
@@ -64,11 +66,24 @@ def resolve_model_cfg(cfg):
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     ckpt = restore_path(cfg)
     if ckpt is not None:
-        saved = read_model_config(ckpt)
+        saved = _saved_model_cfg(ckpt)
         for key in ARCHITECTURE_KEYS:
             if key in saved:
                 model_cfg[key] = saved[key]
     return model_cfg
+
+
+def set_vocab_size(model_cfg: dict, tokenizer) -> int:
+    """The model's vocabulary: the restored checkpoint's (an embedding may have more rows than
+    the tokenizer has ids), else the tokenizer's. Stored in ``model_cfg["vocab_size"]``."""
+    vocab = int(model_cfg.get("vocab_size") or tokenizer.vocab_size)
+    if tokenizer.vocab_size > vocab:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary has {vocab}; "
+            "use the tokenizer the checkpoint was trained with (model.tokenizer.model)"
+        )
+    model_cfg["vocab_size"] = vocab
+    return vocab
 
 
 def init_distributed(cfg) -> None:
@@ -87,6 +102,10 @@ def tokenizer_source(cfg) -> str:
         ckpt = restore_path(cfg)
         if ckpt is not None and (ckpt / "tokenizer").is_dir():
             return str(ckpt / "tokenizer")
+        if ckpt is not None and is_hf_dir(ckpt) and any(
+            (ckpt / name).is_file() for name in ("tokenizer.json", "tokenizer.model")
+        ):
+            return str(ckpt)
         raise ValueError(
             "no tokenizer: set model.tokenizer.model to a tokenizer.json, a SentencePiece "
             ".model file or a directory holding one"
@@ -99,13 +118,20 @@ def build_tokenizer(cfg):
     return load_tokenizer(source), source
 
 
-def build_model(cfg, model_cfg, vocab_size: int):
-    """This rank's model chunk (restored weights when a checkpoint is given), DDP-wrapped."""
-    model = build_gpt_model(model_cfg, vocab_size, seed=int(cfg_get(cfg, "seed", 1234)))
+def build_model(cfg, model_cfg, vocab_size: int, wrap: bool = True):
+    """This rank's model chunk, with the weights of ``pretrained_checkpoint.restore_from_path``
+    when set (one of our checkpoints or a Hugging Face directory), DDP-wrapped unless
+    ``wrap=False``."""
     ckpt = restore_path(cfg)
-    if ckpt is not None:
+    from_hf = ckpt is not None and not is_checkpoint(ckpt)
+    model = build_gpt_model(
+        model_cfg, vocab_size, seed=int(cfg_get(cfg, "seed", 1234)), initialize=not from_hf
+    )
+    if from_hf:
+        load_hf_weights(model, ckpt, model_cfg, progress=True)
+    elif ckpt is not None:
         load_checkpoint(ckpt, [model])
-    return wrap_ddp(model, model_cfg)
+    return wrap_ddp(model, model_cfg) if wrap else model
 
 
 def build_optimization(cfg, model_cfg, model, algo: str, max_steps: int):
@@ -146,6 +172,6 @@ def model_from_checkpoint(path):
         raise CheckpointError(f"{path}/model_config.yaml has no vocab_size; re-save the checkpoint")
     model_cfg["tensor_model_parallel_size"] = parallel_state.get_tensor_model_parallel_world_size()
     model_cfg["pipeline_model_parallel_size"] = parallel_state.get_pipeline_model_parallel_world_size()
-    model = build_gpt_model(model_cfg, int(model_cfg["vocab_size"]))
+    model = build_gpt_model(model_cfg, int(model_cfg["vocab_size"]), initialize=False)
     load_checkpoint(path, [model])
     return model
