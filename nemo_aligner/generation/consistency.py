@@ -8,33 +8,21 @@ every response:
     token_mult_prob_error = mean_t exp(|logp_gen(t) - logp_train(t)|)   (1.0 = identical)
 
 The trainer side is a full forward of prompt + response without a KV cache, then
-:func:`nemo_aligner.models.logprobs.token_logprobs` on the vocab-parallel logits, with the
-embedding table's padding ids (``>= vocab_size``) excluded from the normalizer as the
-engine does.
+:func:`nemo_aligner.models.logprobs.token_logprobs` on the vocab-parallel logits. Both sides
+normalize over the real vocabulary: models from ``build_gpt_model`` mask the embedding
+table's padding ids out of their logits, and the engine samples from ids below
+``vocab_size`` only.
 """
 
 import torch
-from megatron.core import parallel_state
 
 from nemo_aligner.generation.engine import GenerationOutput
 from nemo_aligner.generation.refit import unwrap_model
 from nemo_aligner.models.logprobs import token_logprobs
 
 
-def mask_padded_vocab(vocab_parallel_logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Logits ``[..., V/tp]`` with this rank's columns at global ids ``>= vocab_size`` set to
-    ``-inf`` (a copy when anything is masked)."""
-    width = vocab_parallel_logits.shape[-1]
-    start = parallel_state.get_tensor_model_parallel_rank() * width
-    if start + width <= vocab_size:
-        return vocab_parallel_logits
-    masked = vocab_parallel_logits.clone()
-    masked[..., max(vocab_size - start, 0):] = float("-inf")
-    return masked
-
-
 @torch.no_grad()
-def trainer_logprobs(model, output: GenerationOutput, vocab_size: int) -> torch.Tensor:
+def trainer_logprobs(model, output: GenerationOutput) -> torch.Tensor:
     """``log p(response token)`` ``[B, T]`` from a cache-free forward of prompt + response
     (0 after each response's length). ``model``: the training model (PP=1 chunk, any TP)."""
     model = unwrap_model(model)
@@ -52,7 +40,7 @@ def trainer_logprobs(model, output: GenerationOutput, vocab_size: int) -> torch.
     finally:
         model.train(was_training)
     # Position j predicts token j + 1.
-    logp = token_logprobs(mask_padded_vocab(logits[:, :-1].float(), vocab_size), tokens[:, 1:])
+    logp = token_logprobs(logits[:, :-1].float(), tokens[:, 1:])
     result = torch.zeros_like(output.logprobs)
     for i, (prompt, n) in enumerate(zip(output.prompt_ids, output.response_lengths.tolist())):
         p = len(prompt)

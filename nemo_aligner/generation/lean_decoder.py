@@ -13,7 +13,8 @@ sequence of ``TransformerLayer`` with ``SelfAttention`` + :class:`SDPACoreAttent
 ``MLP``): the same parameters, the model's own norm modules, ``matmul`` then bias as in
 Megatron's linear layers, bias-add before the residual add, the model's activation and
 gating, Megatron's rotary table, tensor-parallel all-reduces after the row-parallel
-layers and an all-gather of the last position's logits. Keys are cached *after* rotary
+layers, the model's own output layer (and its hooks) on the last position, and an
+all-gather of its logits. Keys are cached *after* rotary
 embedding (``[B, groups, slots, dim]``, the layout attention reads), so a step touches
 each cached key once.
 
@@ -145,11 +146,12 @@ class LeanDecoder:
         self.word_weight = words.weight
         self.vocab_range = (words.vocab_start_index, words.vocab_end_index)
         self.embed_group = words.tp_group if words.tp_group.size() > 1 else None
+        # The output layer runs as a module, so its hooks apply (build_gpt_model's hook masks
+        # the padded vocabulary ids); tied embeddings pass the embedding as its weight.
+        self.output_layer = model.output_layer
         self.output_weight = (
-            model.shared_embedding_or_output_weight()
-            if model.share_embeddings_and_output_weights else model.output_layer.weight
+            model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
         )
-        self.output_group = model.output_layer.tp_group
         b, slots = positions.shape
         dtype, device = self.word_weight.dtype, self.word_weight.device
         first = self.layers[0]
@@ -221,9 +223,9 @@ class LeanDecoder:
             x = x + self._attention(layer, index, layer.input_norm(x), start, mask, causal)
             x = x + self._mlp(layer, layer.mlp_norm(x))
         self.length = start + s
-        last = self.final_norm(x[:, -1])
-        logits = torch.matmul(last, self.output_weight.t())
-        return gather_from_tensor_model_parallel_region(logits, group=self.output_group)
+        last = self.final_norm(x[:, -1:].transpose(0, 1))  # [1, B, h]
+        logits, _ = self.output_layer(last, weight=self.output_weight)
+        return gather_from_tensor_model_parallel_region(logits[0], group=self.output_layer.tp_group)
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens`` ``[B, P]`` (left-padded) -> last-position logits ``[B, V]``."""

@@ -6,7 +6,7 @@ import torch
 
 from generation.tiny import GPT2, VOCAB, random_prompts
 from nemo_aligner.generation import SamplingParams
-from nemo_aligner.generation.consistency import mask_padded_vocab, token_mult_prob_error, trainer_logprobs
+from nemo_aligner.generation.consistency import token_mult_prob_error, trainer_logprobs
 from nemo_aligner.generation.megatron_engine import MegatronEngine
 
 
@@ -18,19 +18,12 @@ def test_metric_formula_counts_only_response_tokens():
     assert abs(token_mult_prob_error(gen, train, lengths) - expected) < 1e-12
 
 
-def test_mask_padded_vocab(dist_world_of_one):
-    logits = torch.zeros(2, 384)
-    masked = mask_padded_vocab(logits, 300)
-    assert torch.isinf(masked[:, 300:]).all() and (masked[:, :300] == 0).all()
-    assert mask_padded_vocab(logits, 384) is logits
-
-
 def test_engine_logprobs_match_trainer(make_model):
     model = make_model(GPT2)
     out = MegatronEngine(model, vocab_size=VOCAB).generate(
         random_prompts([3, 9, 5]), SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=10), seeds=[4, 5, 6]
     )
-    train = trainer_logprobs(model, out, VOCAB)
+    train = trainer_logprobs(model, out)
     torch.testing.assert_close(out.logprobs, train, rtol=0, atol=2e-5)
     assert 1.0 <= token_mult_prob_error(out.logprobs, train, out.response_lengths) < 1.0 + 2e-5
     assert model.training  # the trainer's mode is restored

@@ -150,7 +150,9 @@ def test_finished_rows_dropped_from_batch_match_single_runs(make_model):
 
 
 def test_padded_vocabulary_is_never_generated(make_model):
+    """Even from a model whose logits do not mask the padding ids (no masking hook)."""
     model = make_model()
+    model.output_layer._forward_hooks.clear()
     prompts = random_prompts(LENGTHS)
     x, pos = torch.tensor([prompts[0]]), torch.arange(5).unsqueeze(0)
     with torch.no_grad():

@@ -61,7 +61,7 @@ def test_own_copy_refit_in_place(make_model, precision):
     assert after.response_ids == expected.response_ids
     torch.testing.assert_close(after.logprobs, expected.logprobs, rtol=0, atol=0)
     # Against the fp32 trainer: exact for an fp32 copy, bf16 rounding for a bf16 one.
-    error = token_mult_prob_error(after.logprobs, trainer_logprobs(model, after, VOCAB), after.response_lengths)
+    error = token_mult_prob_error(after.logprobs, trainer_logprobs(model, after), after.response_lengths)
     assert 1.0 <= error < (1.0 + 1e-5 if precision == "32" else 1.02)
 
 
