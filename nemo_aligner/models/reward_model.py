@@ -81,11 +81,13 @@ def load_backbone(model: GPTRewardModel, path) -> None:
 
 
 def load_hf_backbone(model: GPTRewardModel, hf_dir) -> None:
-    """Import a Hugging Face model's weights into ``model``'s backbone (its LM head is unused)."""
-    from nemo_aligner.checkpoint.hf import load_hf_weights
+    """Import a Hugging Face model into ``model``: a sequence classifier (a reward model) whole,
+    its ``score`` as the head; a causal LM as the backbone only (its LM head is unused)."""
+    from nemo_aligner.checkpoint.hf import load_hf_weights, read_hf_config
+    from nemo_aligner.checkpoint.hf_arch import is_sequence_classifier
 
     head = getattr(model, "reward_head", None)
-    if head is None:
+    if head is None or is_sequence_classifier(read_hf_config(hf_dir)):
         load_hf_weights(model, hf_dir)
         return
     # load_hf_weights fills every parameter it sees; the head has no counterpart there.
