@@ -113,18 +113,36 @@ def restore_reward_model(model: GPTRewardModel, path) -> str:
     raise CheckpointError(f"{path} is neither one of our checkpoints nor a Hugging Face model directory")
 
 
+def read_reward_model_config(path) -> dict:
+    """The ``model.*`` config of a reward model: one of our reward-model checkpoints, or a
+    Hugging Face ``*ForSequenceClassification`` directory."""
+    from nemo_aligner.checkpoint.hf import is_hf_dir, model_cfg_from_hf_dir
+
+    if is_reward_checkpoint(path):
+        return read_model_config(path)
+    if is_hf_dir(path) and not is_checkpoint(path):
+        model_cfg = model_cfg_from_hf_dir(path)
+        if "reward_model_type" in model_cfg:
+            model_cfg.setdefault("encoder_seq_length", model_cfg["max_position_embeddings"])
+            return model_cfg
+    raise CheckpointError(
+        f"{path} is not a reward model (neither a checkpoint whose model_config.yaml has reward_model_type "
+        "nor a Hugging Face *ForSequenceClassification directory); give the final_model of "
+        "train_reward_model.py or a sequence classifier"
+    )
+
+
 def reward_model_from_checkpoint(path):
-    """``(model, model_cfg)``: a reward-model checkpoint at the current parallel layout."""
-    if not is_reward_checkpoint(path):
-        raise CheckpointError(
-            f"{path} is not a reward-model checkpoint (its model_config.yaml has no reward_model_type); "
-            "give the final_model or a checkpoint of train_reward_model.py"
-        )
-    model_cfg = read_model_config(path)
+    """``(model, model_cfg)``: a reward model (see :func:`read_reward_model_config`) at the
+    current parallel layout."""
+    model_cfg = read_reward_model_config(path)
     model_cfg["tensor_model_parallel_size"] = parallel_state.get_tensor_model_parallel_world_size()
     model_cfg["pipeline_model_parallel_size"] = parallel_state.get_pipeline_model_parallel_world_size()
     model = build_reward_model(model_cfg, int(model_cfg["vocab_size"]), initialize=False)
-    load_checkpoint(path, [model])
+    if is_checkpoint(path):
+        load_checkpoint(path, [model])
+    else:
+        load_hf_backbone(model, path)
     return model, model_cfg
 
 
