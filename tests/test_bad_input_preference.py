@@ -93,4 +93,4 @@ def test_scoring_bad_input_writes_nothing(tmp_path, dist_world_of_one):
 
     proc = run(score, [f"pretrained_checkpoint.restore_from_path={tmp_path}", f"input_file={data}",
                        f"output_file={out}"], check=False)
-    assert proc.returncode == 1 and "is not a reward-model checkpoint" in error_line(proc) and not out.exists()
+    assert proc.returncode == 1 and "is not a reward model" in error_line(proc) and not out.exists()

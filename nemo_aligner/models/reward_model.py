@@ -81,11 +81,13 @@ def load_backbone(model: GPTRewardModel, path) -> None:
 
 
 def load_hf_backbone(model: GPTRewardModel, hf_dir) -> None:
-    """Import a Hugging Face model's weights into ``model``'s backbone (its LM head is unused)."""
-    from nemo_aligner.checkpoint.hf import load_hf_weights
+    """Import a Hugging Face model into ``model``: a sequence classifier (a reward model) whole,
+    its ``score`` as the head; a causal LM as the backbone only (its LM head is unused)."""
+    from nemo_aligner.checkpoint.hf import load_hf_weights, read_hf_config
+    from nemo_aligner.checkpoint.hf_arch import is_sequence_classifier
 
     head = getattr(model, "reward_head", None)
-    if head is None:
+    if head is None or is_sequence_classifier(read_hf_config(hf_dir)):
         load_hf_weights(model, hf_dir)
         return
     # load_hf_weights fills every parameter it sees; the head has no counterpart there.
@@ -111,18 +113,36 @@ def restore_reward_model(model: GPTRewardModel, path) -> str:
     raise CheckpointError(f"{path} is neither one of our checkpoints nor a Hugging Face model directory")
 
 
+def read_reward_model_config(path) -> dict:
+    """The ``model.*`` config of a reward model: one of our reward-model checkpoints, or a
+    Hugging Face ``*ForSequenceClassification`` directory."""
+    from nemo_aligner.checkpoint.hf import is_hf_dir, model_cfg_from_hf_dir
+
+    if is_reward_checkpoint(path):
+        return read_model_config(path)
+    if is_hf_dir(path) and not is_checkpoint(path):
+        model_cfg = model_cfg_from_hf_dir(path)
+        if "reward_model_type" in model_cfg:
+            model_cfg.setdefault("encoder_seq_length", model_cfg["max_position_embeddings"])
+            return model_cfg
+    raise CheckpointError(
+        f"{path} is not a reward model (neither a checkpoint whose model_config.yaml has reward_model_type "
+        "nor a Hugging Face *ForSequenceClassification directory); give the final_model of "
+        "train_reward_model.py or a sequence classifier"
+    )
+
+
 def reward_model_from_checkpoint(path):
-    """``(model, model_cfg)``: a reward-model checkpoint at the current parallel layout."""
-    if not is_reward_checkpoint(path):
-        raise CheckpointError(
-            f"{path} is not a reward-model checkpoint (its model_config.yaml has no reward_model_type); "
-            "give the final_model or a checkpoint of train_reward_model.py"
-        )
-    model_cfg = read_model_config(path)
+    """``(model, model_cfg)``: a reward model (see :func:`read_reward_model_config`) at the
+    current parallel layout."""
+    model_cfg = read_reward_model_config(path)
     model_cfg["tensor_model_parallel_size"] = parallel_state.get_tensor_model_parallel_world_size()
     model_cfg["pipeline_model_parallel_size"] = parallel_state.get_pipeline_model_parallel_world_size()
     model = build_reward_model(model_cfg, int(model_cfg["vocab_size"]), initialize=False)
-    load_checkpoint(path, [model])
+    if is_checkpoint(path):
+        load_checkpoint(path, [model])
+    else:
+        load_hf_backbone(model, path)
     return model, model_cfg
 
 

@@ -3,6 +3,7 @@
     python examples/nlp/gpt/score_reward_model.py \
         pretrained_checkpoint.restore_from_path=results/training_rm/final_model \
         input_file=pairs.jsonl output_file=scored.jsonl
+    (restore_from_path may also be a Hugging Face *ForSequenceClassification directory)
     torchrun --nproc-per-node 2 examples/nlp/gpt/score_reward_model.py tensor_model_parallel_size=2 ...
 
 Every input line is validated before the model is loaded; the output is written to a
@@ -18,14 +19,10 @@ import hydra
 
 
 def score(cfg) -> None:
-    from nemo_aligner.checkpoint.distributed import CheckpointError, read_model_config
     from nemo_aligner.data.preference import RewardScoringDataset, group_collate
     from nemo_aligner.data.tokenizers import load_tokenizer
     from nemo_aligner.models.reward_model import (
-        is_reward_checkpoint,
-        reward_model_from_checkpoint,
-        reward_settings,
-        standardization,
+        read_reward_model_config, reward_model_from_checkpoint, reward_settings, standardization,
     )
     from nemo_aligner.utils import distributed
     from nemo_aligner.utils.config import cfg_get
@@ -38,16 +35,13 @@ def score(cfg) -> None:
             raise ValueError(f"set {key}")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"pretrained_checkpoint.restore_from_path={path} does not exist")
-    if not is_reward_checkpoint(path):
-        raise CheckpointError(
-            f"{path} is not a reward-model checkpoint (no model_config.yaml with reward_model_type); "
-            "give the final_model or a checkpoint written by train_reward_model.py"
-        )
-    saved = read_model_config(path)
+    saved = read_reward_model_config(path)
     settings = reward_settings(saved)
     data = saved.get("data") or {}
     pick = lambda key, default: cfg_get(cfg, key, None) if cfg_get(cfg, key, None) is not None else data.get(key, default)  # noqa: E731
-    tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
+    # Our checkpoints keep the tokenizer in tokenizer/; a Hugging Face directory holds it itself.
+    tokenizer_dir = os.path.join(path, "tokenizer")
+    tokenizer = load_tokenizer(tokenizer_dir if os.path.isdir(tokenizer_dir) else path)
     dataset = RewardScoringDataset(
         cfg.input_file, tokenizer,
         int(pick("max_seq_length", None) or saved["encoder_seq_length"]),

@@ -1,0 +1,99 @@
+"""Choosing the next token from a batch of next-token logits.
+
+Pure tensor functions (no model): the same code serves every engine that produces logits.
+Each row draws its randomness from its own ``torch.Generator`` -- one uniform number per
+generated token, used to invert the cumulative distribution in vocabulary order -- so a
+sample's tokens depend on its own seed and logits only, never on the other rows.
+
+Order of the logit transforms (the usual one): min-length masking of end tokens,
+temperature, top-k, top-p. For row ``r`` with processed logits ``z``:
+
+    logprob_r          = log softmax(raw logits)[token]          (the model's distribution)
+    sampling_logprob_r = log softmax(z)[token]                    (what was sampled from)
+    token              = min{j : sum_{i<=j} softmax(z)_i > u_r}  (u_r ~ U[0, 1) from row r's generator)
+"""
+
+import torch
+
+from nemo_aligner.generation.engine import SamplingParams
+
+NEG_INF = float("-inf")
+
+
+def mask_end_tokens(logits: torch.Tensor, rows: torch.Tensor, end_ids: torch.Tensor) -> torch.Tensor:
+    """A copy of ``logits`` [B, V] where ``end_ids`` cannot be chosen in the rows flagged by
+    ``rows`` [B] bool (responses shorter than ``min_new_tokens``)."""
+    masked = logits.clone()
+    masked[rows.nonzero().squeeze(1).unsqueeze(1), end_ids.unsqueeze(0)] = NEG_INF
+    return masked
+
+
+def filter_top_k(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` largest logits per row (ties with the k-th are kept too)."""
+    if k <= 0 or k >= z.shape[-1]:
+        return z
+    kth = torch.topk(z, k, dim=-1).values[:, -1:]
+    return z.masked_fill(z < kth, NEG_INF)
+
+
+def filter_top_p(z: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most probable tokens whose probability reaches ``p``.
+
+    A token is dropped when the tokens more probable than it already hold ``>= p`` of the
+    mass; the most probable token is always kept.
+    """
+    if p >= 1.0:
+        return z
+    sorted_z, order = torch.sort(z, dim=-1, descending=True)
+    probs = torch.softmax(sorted_z, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    sorted_z = sorted_z.masked_fill(mass_before >= p, NEG_INF)
+    return torch.empty_like(z).scatter_(-1, order, sorted_z)
+
+
+def uniforms(generators: list[torch.Generator]) -> torch.Tensor:
+    """One ``U[0, 1)`` draw per row, each from that row's generator (float64, [B])."""
+    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+
+
+def inverse_cdf_sample(logq: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Token ids [B]: the first index whose cumulative probability exceeds ``u``.
+
+    Tokens with zero probability are never chosen (their cumulative sum equals their
+    predecessor's, which was already larger than ``u``).
+    """
+    cdf = logq.double().exp().cumsum(dim=-1)
+    threshold = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(1)
+    tokens = torch.searchsorted(cdf, threshold, right=True).squeeze(1)
+    return tokens.clamp_(max=logq.shape[-1] - 1)
+
+
+def choose_next_tokens(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generators: list[torch.Generator] | None,
+    end_banned: torch.Tensor | None = None,
+    end_ids: torch.Tensor | None = None,
+):
+    """Pick one token per row of ``logits`` [B, V] (float32, real vocabulary only).
+
+    ``end_banned`` [B] bool marks rows where ``end_ids`` must not be chosen yet
+    (``min_new_tokens``). Returns ``(tokens [B] long, logprobs [B], sampling_logprobs [B])``;
+    see the module docstring for the two log-probabilities.
+    """
+    raw_logprobs = torch.log_softmax(logits, dim=-1)
+    z = logits
+    if end_banned is not None and end_ids is not None and end_ids.numel() and bool(end_banned.any()):
+        z = mask_end_tokens(z, end_banned, end_ids)
+    if params.greedy:
+        tokens = z.argmax(dim=-1)
+        sampling_logprobs = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+    else:
+        if params.temperature != 1.0:
+            z = z / params.temperature
+        z = filter_top_p(filter_top_k(z, params.top_k), params.top_p)
+        logq = torch.log_softmax(z, dim=-1)
+        tokens = inverse_cdf_sample(logq, uniforms(generators))
+        sampling_logprobs = logq.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    logprobs = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    return tokens, logprobs, sampling_logprobs

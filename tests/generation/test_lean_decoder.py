@@ -1,0 +1,92 @@
+"""The lean decoder computes the model's own forward (config variants), and knows when it
+cannot."""
+
+import pytest
+import torch
+
+from generation.tiny import GPT2, LLAMA, VOCAB, random_prompts
+from nemo_aligner.generation.context_decoder import MegatronContextDecoder
+from nemo_aligner.generation.lean_decoder import LeanDecoder, unsupported_reason
+
+VARIANTS = {
+    "llama": LLAMA,
+    "gpt2": GPT2,
+    "qkv_bias": dict(LLAMA, qkv_bias=True),
+    "bias_relu_mha": dict(LLAMA, bias=True, activation="relu", num_query_groups=4),
+    "partial_rotary_scaled": dict(LLAMA, rotary_percent=0.5, rope_scaling={"factor": 4.0}, rotary_base=500),
+    "gqa_one_group": dict(LLAMA, num_query_groups=1, normalization="layernorm"),
+}
+
+
+def slots_for(lengths, extra):
+    """Left-padding bookkeeping as the engine builds it."""
+    lens = torch.tensor(lengths)
+    width = int(lens.max())
+    slot = torch.arange(width + extra)
+    pad = width - lens
+    return (slot[None] - pad[:, None]).clamp(min=0), slot[None] >= pad[:, None]
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+@torch.no_grad()
+def test_prefill_and_steps_equal_model_forward(make_model, name):
+    model = make_model(VARIANTS[name]).eval()
+    assert unsupported_reason(model) is None
+    prompts = random_prompts([6, 3, 9], seed=1)
+    continuation = random_prompts([4, 4, 4], seed=2)
+    positions, key_valid = slots_for([len(p) for p in prompts], 4)
+    width = max(len(p) for p in prompts)
+    tokens = torch.zeros(3, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, width - len(p):] = torch.tensor(p)
+    with LeanDecoder(model, positions, key_valid) as dec:
+        got = [dec.prefill(tokens)] + [dec.step(torch.tensor([c[t] for c in continuation])) for t in range(4)]
+    for i, p in enumerate(prompts):
+        seq = p + continuation[i]
+        ref = model(torch.tensor([seq]), torch.arange(len(seq)).unsqueeze(0), attention_mask=None)[0]
+        for t in range(5):
+            torch.testing.assert_close(got[t][i], ref[len(p) - 1 + t], rtol=0, atol=2e-5)
+
+
+@torch.no_grad()
+def test_context_decoder_equals_model_forward(make_model):
+    model = make_model().eval()
+    prompts = random_prompts([2, 7], seed=3)
+    positions, key_valid = slots_for([2, 7], 2)
+    tokens = torch.tensor([[0] * 5 + prompts[0], prompts[1]])
+    with MegatronContextDecoder(model, positions, key_valid) as dec:
+        got = [dec.prefill(tokens), dec.step(torch.tensor([11, 12]))]
+    assert model.rotary_pos_emb.__class__.__name__ == "RotaryEmbedding"  # restored on exit
+    for i, p in enumerate(prompts):
+        seq = p + [11 + i]
+        ref = model(torch.tensor([seq]), torch.arange(len(seq)).unsqueeze(0), attention_mask=None)[0]
+        torch.testing.assert_close(got[0][i], ref[len(p) - 1], rtol=0, atol=2e-5)
+        torch.testing.assert_close(got[1][i], ref[len(p)], rtol=0, atol=2e-5)
+
+
+def test_unsupported_models_are_named(make_model):
+    model = make_model()
+    layer = model.decoder.layers[0]
+    original = layer.mlp.linear_fc1
+    layer.mlp.linear_fc1 = torch.nn.Sequential(original)  # e.g. an adapter wrapping a linear
+    assert "Sequential" in unsupported_reason(model)
+    layer.mlp.linear_fc1 = original
+    model.config.qk_layernorm = True
+    assert unsupported_reason(model) == "config.qk_layernorm=True"
+    model.config.qk_layernorm = False
+    assert unsupported_reason(model) is None
+
+
+def test_engine_falls_back_to_context_decoder(make_model):
+    from nemo_aligner.generation import GenerationError
+    from nemo_aligner.generation.megatron_engine import MegatronEngine
+
+    model = make_model()
+    model.config.qk_layernorm = True  # not modelled by the lean decoder
+    try:
+        assert MegatronEngine(model, vocab_size=VOCAB).decoder == "megatron"
+        with pytest.raises(GenerationError, match="lean decoder does not support config.qk_layernorm"):
+            MegatronEngine(model, vocab_size=VOCAB, decoder="lean")
+    finally:
+        model.config.qk_layernorm = False
+    assert MegatronEngine(model, vocab_size=VOCAB).decoder == "lean"

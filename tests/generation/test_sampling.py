@@ -1,0 +1,90 @@
+"""Logit filters and per-row sampling against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from nemo_aligner.generation import SamplingParams
+from nemo_aligner.generation.sampling import (
+    choose_next_tokens,
+    filter_top_k,
+    filter_top_p,
+    inverse_cdf_sample,
+    mask_end_tokens,
+)
+
+INF = float("-inf")
+
+
+def test_top_k_keeps_the_k_largest():
+    z = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
+    assert filter_top_k(z, 2).tolist() == [[INF, 4.0, 3.0, INF]]
+    assert torch.equal(filter_top_k(z, 0), z) and torch.equal(filter_top_k(z, 9), z)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.1, 0.3, 0.1]])
+    z = probs.log()
+    # Sorted: 0.5, 0.3, 0.1, 0.1. Mass before each: 0, 0.5, 0.8, 0.9.
+    kept = lambda p: (filter_top_p(z, p) > INF).tolist()[0]  # noqa: E731
+    assert kept(0.5) == [True, False, False, False]
+    assert kept(0.6) == [True, False, True, False]
+    three = kept(0.85)  # 0.5 + 0.3 < 0.85: one of the two tied 0.1 tokens joins
+    assert three[0] and three[2] and sum(three) == 3
+    assert kept(1.0) == [True] * 4
+    assert kept(0.01) == [True, False, False, False]  # the most probable token always stays
+
+
+def test_inverse_cdf_picks_the_interval_holding_u():
+    logq = torch.tensor([[0.2, 0.0, 0.5, 0.3]]).log()  # cdf 0.2, 0.2, 0.7, 1.0
+    pick = lambda u: int(inverse_cdf_sample(logq, torch.tensor([u], dtype=torch.float64)))  # noqa: E731
+    assert [pick(u) for u in (0.0, 0.19, 0.21, 0.69, 0.71, 0.999)] == [0, 0, 2, 2, 3, 3]  # never the 0-prob id
+
+
+def test_mask_end_tokens_only_in_flagged_rows():
+    z = torch.zeros(2, 5)
+    out = mask_end_tokens(z, torch.tensor([True, False]), torch.tensor([1, 3]))
+    assert out[0].tolist() == [0, INF, 0, INF, 0] and out[1].tolist() == [0] * 5
+    assert torch.equal(z, torch.zeros(2, 5))  # not in place
+
+
+def test_sampled_frequencies_follow_the_distribution():
+    probs = torch.tensor([0.1, 0.6, 0.3])
+    logits = probs.log().repeat(4000, 1)
+    gens = [torch.Generator().manual_seed(i) for i in range(4000)]
+    tokens, logprobs, sampling_logprobs = choose_next_tokens(logits, SamplingParams(), gens)
+    freq = torch.bincount(tokens, minlength=3).float() / 4000
+    # 4000 draws: the standard error of each frequency is below 0.008.
+    assert torch.allclose(freq, probs, atol=0.03)
+    torch.testing.assert_close(logprobs, probs.log()[tokens])
+    torch.testing.assert_close(sampling_logprobs, logprobs)  # nothing modified the distribution
+
+
+def test_temperature_and_logprob_kinds():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    params = SamplingParams(temperature=0.5, top_k=2)
+    tok, lp, slp = choose_next_tokens(logits, params, [torch.Generator().manual_seed(0)])
+    assert int(tok) in (0, 1)
+    assert float(lp) == pytest.approx(float(torch.log_softmax(logits, -1)[0, tok]), abs=1e-6)
+    q = torch.softmax(torch.tensor([4.0, 2.0]), -1)  # temperature 0.5 on the top-2 logits
+    assert float(slp) == pytest.approx(math.log(float(q[int(tok)])), abs=1e-6)
+
+
+def test_rows_draw_only_from_their_own_generator():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    seeds = [5, 6, 7]
+    together, _, _ = choose_next_tokens(logits, SamplingParams(), [torch.Generator().manual_seed(s) for s in seeds])
+    for i, s in enumerate(seeds):
+        alone, _, _ = choose_next_tokens(logits[i:i + 1], SamplingParams(), [torch.Generator().manual_seed(s)])
+        assert int(alone) == int(together[i])
+
+
+def test_greedy_respects_min_length_ban():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [0.0, 5.0, 1.0]])
+    tok, lp, slp = choose_next_tokens(
+        logits, SamplingParams(greedy=True), None, torch.tensor([True, False]), torch.tensor([1])
+    )
+    assert tok.tolist() == [2, 1]
+    torch.testing.assert_close(lp, torch.log_softmax(logits, -1)[[0, 1], [2, 1]])
+    assert slp.tolist() == [0.0, 0.0]
