@@ -103,7 +103,8 @@ class _Linear:
             self.group = None
 
     def __call__(self, x):
-        y = torch.matmul(x, self.weight.t())
+        # A 2-D product: measurably faster than a batched 3-D matmul for decoding's [B, 1, h].
+        y = torch.matmul(x.reshape(-1, x.shape[-1]), self.weight.t()).view(*x.shape[:-1], -1)
         if self.group is not None:
             dist.all_reduce(y, group=self.group)
         if self.bias is not None:

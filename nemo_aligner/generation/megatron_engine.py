@@ -130,8 +130,9 @@ class MegatronEngine(RolloutEngine):
         cfg = dict(model_cfg)
         if precision is not None:
             cfg["precision"] = precision
-        vocab = kwargs.get("vocab_size") or cfg.get("vocab_size") or tokenizer.vocab_size
-        own = build_gpt_model(cfg, int(vocab), pre_process=True, post_process=True)
+        vocab = cfg.get("vocab_size") or kwargs.get("vocab_size") or tokenizer.vocab_size
+        # No initialization: refit overwrites every weight right away.
+        own = build_gpt_model(cfg, int(vocab), pre_process=True, post_process=True, initialize=False)
         for p in own.parameters():
             p.requires_grad_(False)
         engine = cls(own, tokenizer, **kwargs)
