@@ -42,17 +42,19 @@ class MegatronContextDecoder:
     """Prefill + one-token steps over ``model`` with a ``StaticInferenceContext``.
 
     ``positions`` / ``key_valid`` ``[B, slots]``: each row's position at every cache slot and
-    whether the slot holds a real token (False for left padding). Use as a context manager:
-    the rotary stand-in is installed on entry and removed on exit.
+    whether the slot holds a real token (False for left padding). Logits cover the real
+    vocabulary, ``[B, vocab_size]``. Use as a context manager: the rotary stand-in is
+    installed on entry and removed on exit.
     """
 
-    def __init__(self, model, positions: torch.Tensor, key_valid: torch.Tensor):
+    def __init__(self, model, positions: torch.Tensor, key_valid: torch.Tensor, vocab_size: int):
         if model.config.sequence_parallel:
             raise GenerationError(
                 "generation through GPTModel.forward does not support sequence_parallel=true; "
                 "use the lean decoder (local layer spec) or turn sequence parallelism off"
             )
         self.model = model
+        self.vocab_size = vocab_size
         self.positions, self.key_valid = positions, key_valid
         b, slots = positions.shape
         self.context = StaticInferenceContext(b, slots)
@@ -78,10 +80,10 @@ class MegatronContextDecoder:
             runtime_gather_output=True,
         )
         self.context.sequence_len_offset += tokens.shape[1]
-        return logits[:, -1]
+        return logits[:, -1, : self.vocab_size]
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``tokens`` ``[B, P]`` (left-padded) -> last-position logits ``[B, V]``."""
+        """``tokens`` ``[B, P]`` (left-padded) -> last-position logits ``[B, vocab_size]``."""
         p = tokens.shape[1]
         causal = torch.ones(p, p, dtype=torch.bool, device=tokens.device).tril_()
         # A pad query attends to itself only, which keeps its (unused) output finite.
@@ -89,7 +91,7 @@ class MegatronContextDecoder:
         return self._run(tokens, self.positions[:, :p], ~allowed.unsqueeze(1))
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row (``[B]``) at the next slot -> logits ``[B, V]``."""
+        """Feed one token per row (``[B]``) at the next slot -> logits ``[B, vocab_size]``."""
         slot = self.context.sequence_len_offset
         mask = ~self.key_valid[:, None, None, : slot + 1]
         return self._run(tokens.unsqueeze(1), self.positions[:, slot:slot + 1], mask)

@@ -270,42 +270,60 @@ class MegatronEngine(RolloutEngine):
 
         end_ids = self._end_ids(params, device)
         generators = None if params.greedy else [torch.Generator().manual_seed(s) for s in seeds]
-        out_tokens = torch.full((b, width), self.pad_id, dtype=torch.long, device=device)
-        out_logprobs = torch.zeros(b, width, device=device)
-        out_sampling = torch.zeros(b, width, device=device)
+        # Results in chunk order. The live batch writes into its own buffers (plain column
+        # writes each step); rows are copied out when they leave the batch and at the end.
+        out = [torch.full((b, width), self.pad_id, dtype=torch.long, device=device),
+               torch.zeros(b, width, device=device), torch.zeros(b, width, device=device)]
         lengths = torch.zeros(b, dtype=torch.long, device=device)
         is_end = torch.zeros(b, dtype=torch.bool, device=device)
+        live = [torch.empty_like(buffer) for buffer in out]  # tokens, logprobs, sampling logprobs
+        live_len = torch.zeros(b, dtype=torch.long, device=device)
+        live_end = torch.zeros(b, dtype=torch.bool, device=device)
         rows = torch.arange(b, device=device)  # chunk row of each live batch row
         active = torch.ones(b, dtype=torch.bool, device=device)
         banned = torch.ones(b, dtype=torch.bool, device=device)
 
+        def flush(select):
+            for dst, src in zip(out, live):
+                dst[rows[select]] = src[select]
+            lengths[rows[select]], is_end[rows[select]] = live_len[select], live_end[select]
+
         decoder_cls = LeanDecoder if self.decoder == "lean" else MegatronContextDecoder
-        with _eval_mode(model), decoder_cls(model, positions, key_valid) as decoder:
+        with _eval_mode(model), decoder_cls(model, positions, key_valid, self.vocab_size) as decoder:
             logits = decoder.prefill(prompt)
             for t in range(width):
-                tok, lp, slp = choose_next_tokens(
-                    logits[:, : self.vocab_size].float(), params, generators,
+                chosen = choose_next_tokens(
+                    logits.float(), params, generators,
                     banned[: rows.numel()] if t < params.min_new_tokens else None, end_ids,
                 )
-                live = rows[active]
-                out_tokens[live, t] = tok[active]
-                out_logprobs[live, t] = lp[active]
-                out_sampling[live, t] = slp[active]
-                lengths[live] = t + 1
+                for buffer, values in zip(live, chosen):
+                    buffer[:, t] = values
+                tok = chosen[0]
+                live_len += active
                 ended = active & torch.isin(tok, end_ids)
                 if stops and t + 1 >= params.min_new_tokens:
                     for i in active.nonzero().squeeze(1).tolist():
-                        if not ended[i] and stops.matches(out_tokens[rows[i], : t + 1].tolist()):
+                        if not ended[i] and stops.matches(live[0][i, : t + 1].tolist()):
                             ended[i] = True
-                is_end[rows[ended]] = True
+                live_end |= ended
                 active &= ~ended
                 if t == width - 1 or not bool(active.any()):
                     break
                 if int(active.sum()) <= 0.75 * rows.numel():
+                    flush((~active).nonzero().squeeze(1))
                     keep = active.nonzero().squeeze(1)
                     decoder.keep_rows(keep)
                     tok, rows, active = tok[keep], rows[keep], active[keep]
+                    live = [buffer[keep] for buffer in live]
+                    live_len, live_end = live_len[keep], live_end[keep]
                     if generators is not None:
                         generators = [generators[i] for i in keep.tolist()]
                 logits = decoder.step(tok)
+            flush(torch.arange(rows.numel(), device=device))
+        # Past its length a row holds what the batch computed after it ended: clear it.
+        after = torch.arange(width, device=device).unsqueeze(0) >= lengths.unsqueeze(1)
+        out[0].masked_fill_(after, self.pad_id)
+        out[1].masked_fill_(after, 0.0)
+        out[2].masked_fill_(after, 0.0)
+        out_tokens, out_logprobs, out_sampling = out
         return out_tokens, out_logprobs, out_sampling, lengths, is_end
