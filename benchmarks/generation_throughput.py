@@ -3,9 +3,11 @@ against building a fresh engine.
 
 What it runs
 ------------
-One random Llama-shaped model (default: 4 layers, hidden 256, ffn 688, GQA 4/2 heads of
-64, vocabulary 2048, fp32) is built with ``transformers`` and saved with
-``save_pretrained``; ours is the same directory imported with
+Random Llama-shaped models (4 layers, GQA 4/2 heads, fp32), by default two sizes
+(``--sizes``, ``hidden:ffn:vocab``): ``64:176:512``, a test-sized model where per-step
+overhead dominates, and ``256:688:2048``, where each decoding step streams the 16 MB of
+weights through the memory system on both sides. Each is built with ``transformers`` and
+saved with ``save_pretrained``; ours is the same directory imported with
 ``nemo_aligner.checkpoint.hf.import_hf_model`` -- the very same weights on both sides.
 16 prompts of random token ids with lengths drawn uniformly from [16, 64] (seeded), 128 new
 tokens each, no EOS (both sides produce exactly 16 x 128 tokens), for two settings:
@@ -51,12 +53,10 @@ import torch
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="64:176:512,256:688:2048", help="hidden:ffn:vocab,...")
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--ffn", type=int, default=688)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--min-prompt", type=int, default=16)
     p.add_argument("--max-prompt", type=int, default=64)
@@ -70,11 +70,11 @@ def parse_args():
     return p.parse_args()
 
 
-def hf_llama(args, out_dir, hidden, layers, vocab):
+def hf_llama(args, out_dir, hidden, ffn, layers, vocab):
     import transformers as tf
 
     config = tf.LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=args.ffn * hidden // args.hidden,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
         num_hidden_layers=layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         max_position_embeddings=512, attn_implementation="sdpa", bos_token_id=1, eos_token_id=2,
     )
@@ -95,23 +95,19 @@ def summarize(times):
     return {"best_s": min(times), "median_s": statistics.median(times), "runs": len(times)}
 
 
-def main():
-    args = parse_args()
-    if args.quick:
-        args.new_tokens, args.repeats = 16, 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def bench_size(args, hidden, ffn, vocab):
+    """Throughput, greedy parity and log-prob consistency for one model size."""
     from nemo_aligner.checkpoint.hf import import_hf_model
     from nemo_aligner.generation import SamplingParams
     from nemo_aligner.generation.consistency import token_mult_prob_error, trainer_logprobs
     from nemo_aligner.generation.megatron_engine import MegatronEngine
 
     tmp = tempfile.TemporaryDirectory()
-    hf = hf_llama(args, tmp.name, args.hidden, args.layers, args.vocab)
+    hf = hf_llama(args, tmp.name, hidden, ffn, args.layers, vocab)
     model, cfg = import_hf_model(tmp.name)
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(args.min_prompt, args.max_prompt + 1, (args.batch,), generator=g).tolist()
-    prompts = [torch.randint(3, args.vocab, (n,), generator=g).tolist() for n in lengths]
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
     width = max(lengths)
     padded = torch.zeros(args.batch, width, dtype=torch.long)
     mask = torch.zeros(args.batch, width, dtype=torch.long)
@@ -123,7 +119,7 @@ def main():
         "sampling": (SamplingParams(temperature=0.8, top_k=50, top_p=0.9, max_new_tokens=new),
                      dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9)),
     }
-    engines = {d: MegatronEngine(model, vocab_size=args.vocab, eos_id=None, pad_id=0, decoder=d)
+    engines = {d: MegatronEngine(model, vocab_size=vocab, eos_id=None, pad_id=0, decoder=d)
                for d in ("lean", "megatron")}
     seeds = list(range(args.batch))
 
@@ -139,8 +135,9 @@ def main():
         for decoder, eng in engines.items():
             runners[(name, f"ours_{decoder}")] = lambda e=eng, p=params: e.generate(prompts, p, seeds=seeds)
 
-    print(f"threads={torch.get_num_threads()} model: {args.layers} layers, hidden {args.hidden}, "
-          f"vocab {args.vocab}; batch {args.batch}, prompts {min(lengths)}-{max(lengths)} tokens, {new} new tokens")
+    print(f"model: {args.layers} layers, hidden {hidden}, ffn {ffn}, vocab {vocab} "
+          f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params); batch {args.batch}, "
+          f"prompts {min(lengths)}-{max(lengths)} tokens, {new} new tokens")
     outputs = {key: fn() for key, fn in runners.items()}  # warm-up (and outputs to compare)
     times = {key: [] for key in runners}
     for _ in range(args.repeats):
@@ -148,7 +145,7 @@ def main():
             times[key].append(time_call(fn)[0])
 
     tokens = args.batch * new
-    results = {"config": vars(args), "throughput": {}, "refit": {}, "token_mult_prob_error": {}}
+    results = {"throughput": {}, "token_mult_prob_error": {}}
     for name in settings:
         base = summarize(times[(name, "transformers")])
         row = {"transformers": dict(base, tokens_per_s=tokens / base["best_s"])}
@@ -173,20 +170,27 @@ def main():
     sampled = outputs[("sampling", "ours_lean")]
     results["token_mult_prob_error"]["fp32_engine"] = token_mult_prob_error(
         sampled.logprobs, trainer_logprobs(model, sampled), sampled.response_lengths)
-    bf16 = MegatronEngine.with_own_weights(cfg, model, vocab_size=args.vocab, eos_id=None, pad_id=0, precision="bf16")
+    bf16 = MegatronEngine.with_own_weights(cfg, model, vocab_size=vocab, eos_id=None, pad_id=0, precision="bf16")
     out16 = bf16.generate(prompts, settings["sampling"][0], seeds=seeds)
     results["token_mult_prob_error"]["bf16_engine_vs_fp32_trainer"] = token_mult_prob_error(
         out16.logprobs, trainer_logprobs(model, out16), out16.response_lengths)
     for k, v in results["token_mult_prob_error"].items():
         print(f"token_mult_prob_error {k}: {v:.6f}")
 
-    # Refit against a fresh build.
-    refit_models = {"bench": (model, cfg)}
+    return results, (model, cfg)
+
+
+def bench_refit(args, models):
+    """Fresh own-weights engine vs refit in place, for each ``(label, (model, cfg))``."""
+    from nemo_aligner.checkpoint.hf import import_hf_model
+    from nemo_aligner.generation.megatron_engine import MegatronEngine
+
+    results = {}
     if not args.quick:
         big = tempfile.TemporaryDirectory()
-        hf_llama(args, big.name, args.refit_hidden, args.refit_layers, 32000)
-        refit_models["large"] = import_hf_model(big.name)
-    for label, (source, source_cfg) in refit_models.items():
+        hf_llama(args, big.name, args.refit_hidden, args.refit_hidden * 11 // 4, args.refit_layers, 32000)
+        models["large"] = import_hf_model(big.name)
+    for label, (source, source_cfg) in models.items():
         params = sum(p.numel() for p in source.parameters())
         for precision in ("32", "bf16"):
             kw = dict(vocab_size=source_cfg["vocab_size"], eos_id=None, pad_id=0, precision=precision)
@@ -195,12 +199,29 @@ def main():
             refit = [time_call(lambda: eng.refit(source))[0] for _ in range(max(args.repeats, 3))]
             entry = {"params": params, "fresh_build_s": min(t for t, _ in build), "refit_s": min(refit)}
             entry["ratio"] = entry["fresh_build_s"] / entry["refit_s"]
-            results["refit"][f"{label}_{precision}"] = entry
+            results[f"{label}_{precision}"] = entry
             print(f"refit {label} ({params / 1e6:.1f}M params, engine {precision}): fresh build "
                   f"{entry['fresh_build_s'] * 1e3:.1f} ms, refit {entry['refit_s'] * 1e3:.2f} ms, x{entry['ratio']:.0f}")
-    shared = MegatronEngine(model, vocab_size=args.vocab)
-    results["refit"]["shared_s"] = min(time_call(lambda: shared.refit(model))[0] for _ in range(3))
-    print(f"refit of an engine sharing the training weights: {results['refit']['shared_s'] * 1e6:.1f} us (no copy)")
+    source, _ = next(iter(models.values()))
+    shared = MegatronEngine(source, vocab_size=1)
+    results["shared_s"] = min(time_call(lambda: shared.refit(source))[0] for _ in range(3))
+    print(f"refit of an engine sharing the training weights: {results['shared_s'] * 1e6:.1f} us (no copy)")
+    return results
+
+
+def main():
+    args = parse_args()
+    if args.quick:
+        args.new_tokens, args.repeats = 16, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"threads={torch.get_num_threads()}")
+    results = {"config": vars(args), "sizes": {}}
+    models = {}
+    for size in args.sizes.split(","):
+        hidden, ffn, vocab = (int(v) for v in size.split(":"))
+        results["sizes"][size], models[f"hidden{hidden}"] = bench_size(args, hidden, ffn, vocab)
+    results["refit"] = bench_refit(args, models)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
