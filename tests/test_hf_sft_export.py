@@ -108,3 +108,50 @@ def test_converter_errors_are_one_line(tmp_path):
     assert not (tmp_path / "o").exists()
     proc = run(CONVERT / "mcore_to_hf.py", ["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")], check=False)
     assert proc.returncode == 1 and "is not one of our checkpoints" in proc.stderr
+
+
+@pytest.mark.slow
+def test_reward_model_checkpoint_exports_as_sequence_classifier(tmp_path, dist_world_of_one):
+    from transformers import AutoModelForSequenceClassification
+
+    from nemo_aligner.checkpoint.distributed import save_checkpoint
+    from nemo_aligner.models.reward_model import build_reward_model
+
+    cfg = dict(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
+               encoder_seq_length=32, vocab_size=512, reward_model_type="binary_ranking", num_attributes=1)
+    model = build_reward_model(cfg, 512, seed=3).eval()
+    save_checkpoint(tmp_path / "rm", [model], cfg, tokenizer_dir=TOKENIZER)
+    run(CONVERT / "mcore_to_hf.py", ["--input", str(tmp_path / "rm"), "--output", str(tmp_path / "hf")])
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    assert reloaded.config.pad_token_id == 0  # the tokenizer's <pad>: HF pools the last non-pad token
+    tokens = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(2))
+    padded = torch.cat([tokens, torch.zeros(2, 4, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        ours = model(tokens, torch.arange(16).expand(2, -1), attention_mask=None)[:, -1]
+        assert (reloaded(padded).logits - ours).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_score_reward_model_scores_a_hugging_face_classifier(tmp_path):
+    """score_reward_model.py takes an HF sequence classifier: its rewards are transformers' scores."""
+    from transformers import LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER), bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    config = hf_config("llama")
+    config.vocab_size, config.pad_token_id, config.num_labels = len(tok), tok.pad_token_id, 1
+    torch.manual_seed(0)
+    ref = LlamaForSequenceClassification(config).eval()
+    ref.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    texts = ["a short answer", "a somewhat longer answer with more words in it"]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    run(ROOT / "examples" / "nlp" / "gpt" / "score_reward_model.py", [
+        f"pretrained_checkpoint.restore_from_path={tmp_path / 'rm'}",
+        f"input_file={tmp_path / 'in.jsonl'}", f"output_file={tmp_path / 'out.jsonl'}",
+    ])
+    scored = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [s["id"] for s in scored] == [0, 1]
+    for text, line in zip(texts, scored):
+        ids = torch.tensor([tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]])
+        with torch.no_grad():
+            assert line["reward"] == pytest.approx(float(ref(ids).logits[0, 0]), abs=1e-4)

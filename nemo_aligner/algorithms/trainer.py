@@ -136,8 +136,12 @@ class BaseTrainer:
     def run_global_batch(self, step_batch, forward_only: bool) -> dict:
         """Forward (and backward) over one global batch; returns the global metric sums."""
         micro = step_batch.micro_batches
+        # The pipeline schedule needs the activation shape: taken from the batch itself, as
+        # a micro-batch may hold more rows than micro_batch_size samples (DPO puts chosen and
+        # rejected side by side). A packed micro-batch runs as one row (see forward_batch).
+        rows, width = micro[0]["tokens"].shape
         packed = "cu_seqlens" in micro[0]
-        seq_length = step_batch.seq_length * (self.micro_batch_size if packed else 1)
+        seq_length, rows_per_micro_batch = (rows * width, 1) if packed else (width, rows)
         fwd_bwd = get_forward_backward_func()
 
         def forward_step_func(data_iterator, model):
@@ -151,7 +155,7 @@ class BaseTrainer:
                 model=self.model,
                 num_microbatches=len(micro),
                 seq_length=seq_length,
-                micro_batch_size=1 if packed else self.micro_batch_size,
+                micro_batch_size=rows_per_micro_batch,
                 forward_only=forward_only,
             )
         return self._reduce_sums(outputs)

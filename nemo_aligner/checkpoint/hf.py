@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from nemo_aligner.checkpoint import hf_arch
-from nemo_aligner.checkpoint.hf_arch import COLUMN, GLU, QKV, REPLICATED, ROW, VOCAB, Source
+from nemo_aligner.checkpoint.hf_arch import COLUMN, GLU, QKV, REPLICATED, ROW, VOCAB, ZERO, Source
 from nemo_aligner.data.tokenizers import copy_tokenizer_files
 from nemo_aligner.utils import distributed
 
@@ -186,7 +186,9 @@ def _load_shard(reader: HFWeights, spec, param: torch.Tensor, name: str, model_c
         _check_shape(piece, target, source, name)
         target.copy_(piece)
 
-    if kind == REPLICATED:
+    if kind == ZERO:
+        param.zero_()
+    elif kind == REPLICATED:
         put(param, reader.read(src[0]), src[0])
     elif kind == COLUMN:
         n = param.shape[0]
@@ -286,7 +288,7 @@ def import_hf_model(hf_dir, precision: str | None = None, encoder_seq_length: in
 # ---------------------------------------------------------------------------------- export
 def _merge(kind: str, shards: list[torch.Tensor], model_cfg) -> torch.Tensor:
     """The full Megatron tensor from its tensor-parallel shards (in TP-rank order)."""
-    if kind == REPLICATED:
+    if kind in (REPLICATED, ZERO):
         return shards[0]
     if kind in (COLUMN, QKV):
         return torch.cat(shards, dim=0)
@@ -312,6 +314,8 @@ def _split_sources(kind: str, full: torch.Tensor, model_cfg) -> list[torch.Tenso
         return [q, k, v]
     if kind == GLU:
         return list(full.chunk(2, dim=0))
+    if kind == ZERO:
+        return []
     return [full]
 
 
@@ -374,7 +378,7 @@ def _holders_table(model, wmap):
 def _gather_full(name, kind, table, local_params, model_cfg):
     """On rank 0, the merged tensor ``name`` (None elsewhere); point-to-point from holders."""
     holders = sorted((tp_rank, rank, held[name]) for rank, tp_rank, held in table if name in held)
-    if kind == REPLICATED:
+    if kind in (REPLICATED, ZERO):
         holders = holders[:1]
     me = dist.get_rank()
     shards = []
@@ -404,19 +408,16 @@ def export_hf_model(model, model_cfg: dict, out_dir, dtype: str | None = None,
     written next to ``out_dir`` and renamed into place when complete.
     """
     model = _unwrap(model)
+    model_cfg = _resolved_cfg(model, model_cfg)
     model_type = hf_arch.infer_model_type(model_cfg)
     if dtype is None:
         hf_prec = hf_arch.precision_from_hf(model_cfg.get("hf_config") or {})
         dtype = hf_arch.hf_dtype_name(hf_prec or model_cfg.get("precision", "32"))
     torch_dtype = getattr(torch, dtype)
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{distributed.broadcast_object(os.getpid())}")
-    rank0 = dist.get_rank() == 0
-    if rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-
+    # Everything that can refuse the export does so on every rank, before anything is written.
+    config = hf_arch.hf_config_from_model_cfg(model_cfg, model_type, dtype, _special_token_ids(tokenizer_dir))
     wmap = hf_arch.weight_map(model_type, model_cfg)
+    _check_zero_params(model, wmap)
     tied = bool(model_cfg.get("share_embeddings_and_output_weights", False))
     table = _holders_table(model, wmap)
     present = set().union(*(held for _, _, held in table))
@@ -424,6 +425,12 @@ def export_hf_model(model, model_cfg: dict, out_dir, dtype: str | None = None,
     params = dict(model.named_parameters())
     local_params = {g: params[l] for l, g in _global_names(model).items()}
 
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{distributed.broadcast_object(os.getpid())}")
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     writer = _ShardWriter(tmp, max_shard_size) if rank0 else None
     for name in tqdm(order, desc=f"exporting {out_dir.name}", unit="tensor", disable=not (progress and rank0)):
         spec = wmap[name]
@@ -433,8 +440,6 @@ def export_hf_model(model, model_cfg: dict, out_dir, dtype: str | None = None,
                 writer.add(hf_name, tensor.to(torch_dtype))
     if rank0:
         writer.finish()
-        special = _special_token_ids(tokenizer_dir)
-        config = hf_arch.hf_config_from_model_cfg(model_cfg, model_type, dtype, special)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
@@ -443,6 +448,32 @@ def export_hf_model(model, model_cfg: dict, out_dir, dtype: str | None = None,
         os.replace(tmp, out_dir)
     distributed.barrier()
     return out_dir
+
+
+def _resolved_cfg(model, model_cfg: dict) -> dict:
+    """``model_cfg`` with the sizes the model was actually built with (defaults resolved)."""
+    c = model.config
+    return dict(
+        model_cfg, num_layers=c.num_layers, hidden_size=c.hidden_size, ffn_hidden_size=c.ffn_hidden_size,
+        num_attention_heads=c.num_attention_heads, num_query_groups=c.num_query_groups,
+        kv_channels=c.kv_channels, layernorm_epsilon=c.layernorm_epsilon,
+        max_position_embeddings=model.max_sequence_length,
+    )
+
+
+def _check_zero_params(model, wmap) -> None:
+    """Refuse (on every rank) to drop a parameter Hugging Face has no place for unless it is
+    zero: e.g. a regression reward head's bias, which sequence classifiers lack."""
+    params = dict(model.named_parameters())
+    nonzero = [g for l, g in _global_names(model).items()
+               if g in wmap and wmap[g].kind == ZERO and bool(params[l].detach().abs().max() > 0)]
+    flag = torch.tensor([1.0 if nonzero else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() > 0:
+        raise hf_arch.UnsupportedArchitecture(
+            f"{nonzero[0] if nonzero else 'a parameter'} is nonzero but has no Hugging Face counterpart "
+            "(sequence classifiers have no score bias); this reward model cannot be exported exactly"
+        )
 
 
 def _hf_tensors(spec, full: torch.Tensor, model_cfg):

@@ -25,6 +25,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 
 # What a parameter is made of, and so how it is sharded and merged (see hf.py).
 REPLICATED, COLUMN, ROW, QKV, GLU, VOCAB = "replicated", "column", "row", "qkv", "glu", "vocab"
+ZERO = "zero"  # no Hugging Face counterpart: zero on import, must be zero to export
 
 _DTYPES = {"float32": "32", "bfloat16": "bf16", "float16": "16"}
 _PRECISION_TO_HF = {"32": "float32", "bf16": "bfloat16", "16": "float16"}
@@ -93,9 +94,19 @@ def model_cfg_from_hf(hf: dict) -> dict:
             f"Hugging Face model_type {model_type!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    if model_type == "gpt2":
-        return _gpt2_cfg(hf)
-    return _llama_family_cfg(hf, model_type)
+    cfg = _gpt2_cfg(hf) if model_type == "gpt2" else _llama_family_cfg(hf, model_type)
+    if is_sequence_classifier(hf):
+        # A reward model: the classifier's ``score`` is the reward head on the last real token.
+        labels = int(hf.get("num_labels") or len(hf.get("id2label") or {}) or 1)
+        cfg.update(
+            reward_model_type="binary_ranking" if labels == 1 else "regression",
+            num_attributes=labels, reward_reduction="last",
+        )
+    return cfg
+
+
+def is_sequence_classifier(hf: dict) -> bool:
+    return any(str(a).endswith("ForSequenceClassification") for a in hf.get("architectures") or [])
 
 
 def _llama_family_cfg(hf: dict, model_type: str) -> dict:
@@ -233,6 +244,18 @@ def hf_config_from_model_cfg(model_cfg: dict, model_type: str, dtype: str, speci
             cfg.update(attention_bias=False, mlp_bias=False)
         if model_cfg.get("sliding_window"):
             cfg["sliding_window"] = int(model_cfg["sliding_window"])
+    if model_cfg.get("reward_model_type"):
+        if str(model_cfg.get("reward_reduction", "last")) != "last":
+            raise UnsupportedArchitecture(
+                "a reward model with reward_reduction=mean has no Hugging Face equivalent "
+                "(sequence classifiers score the last real token)"
+            )
+        labels = int(model_cfg.get("num_attributes", 1))
+        cfg["architectures"] = [cfg["architectures"][0].replace("LMHeadModel", "ForSequenceClassification")
+                                .replace("ForCausalLM", "ForSequenceClassification")]
+        cfg["id2label"] = {str(i): f"LABEL_{i}" for i in range(labels)}
+        cfg["label2id"] = {f"LABEL_{i}": i for i in range(labels)}
+        cfg["num_labels"] = labels
     cfg.update(ids)
     cfg["torch_dtype"] = dtype
     cfg.pop("dtype", None)
@@ -281,7 +304,7 @@ def weight_map(model_type: str, model_cfg: dict, hf_names=None) -> dict:
             out[m + "mlp.linear_fc1.bias"] = Param(COLUMN, (Source(h + "mlp.c_fc.bias"),))
             out[m + "mlp.linear_fc2.weight"] = Param(ROW, (Source(h + "mlp.c_proj.weight", True),))
             out[m + "mlp.linear_fc2.bias"] = Param(REPLICATED, (Source(h + "mlp.c_proj.bias"),))
-        return out
+        return _with_reward_head(out, model_cfg)
 
     out["embedding.word_embeddings.weight"] = Param(VOCAB, (Source("model.embed_tokens.weight"),))
     head = "model.embed_tokens.weight" if tied else "lm_head.weight"
@@ -299,6 +322,14 @@ def weight_map(model_type: str, model_cfg: dict, hf_names=None) -> dict:
         out[m + "self_attention.linear_proj.weight"] = Param(ROW, (Source(attn + "o_proj.weight"),))
         out[m + "mlp.linear_fc1.weight"] = Param(GLU, (Source(h + "mlp.gate_proj.weight"), Source(h + "mlp.up_proj.weight")))
         out[m + "mlp.linear_fc2.weight"] = Param(ROW, (Source(h + "mlp.down_proj.weight"),))
+    return _with_reward_head(out, model_cfg)
+
+
+def _with_reward_head(out: dict, model_cfg: dict) -> dict:
+    """A reward model's head is a sequence classifier's ``score`` (bias-free there)."""
+    if model_cfg.get("reward_model_type"):
+        out["reward_head.weight"] = Param(ROW, (Source("score.weight"),))
+        out["reward_head.bias"] = Param(ZERO)
     return out
 
 

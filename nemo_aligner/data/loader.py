@@ -25,6 +25,8 @@ class StepLoader:
 
     ``collate_fn(samples, pad_to=...)`` batches a list of dataset items.
     ``sample_length(item)`` gives the length that must fit (default: ``len(tokens)``).
+    ``padding_sample(item)`` makes a filler like ``item`` that carries no loss (default:
+    :func:`~nemo_aligner.data.datasets.make_padding_sample`).
     """
 
     def __init__(
@@ -35,6 +37,7 @@ class StepLoader:
         collate_fn,
         pad_to_multiple_of: int = 8,
         sample_length=None,
+        padding_sample=make_padding_sample,
     ):
         per_rank = sampler.global_batch_size // sampler.data_parallel_size
         if per_rank % micro_batch_size != 0:
@@ -50,12 +53,13 @@ class StepLoader:
         self.collate_fn = collate_fn
         self.pad_to_multiple_of = pad_to_multiple_of
         self.sample_length = sample_length or (lambda item: len(item["tokens"]))
+        self.padding_sample = padding_sample
 
     def make_step(self, indices) -> StepBatch:
         items = [self.dataset[i] for i in indices]
         num_real = len(items)
         template = items[0] if items else self.dataset[0]
-        items += [make_padding_sample(template) for _ in range(self.per_rank - num_real)]
+        items += [self.padding_sample(template) for _ in range(self.per_rank - num_real)]
         longest = max(self.sample_length(item) for item in items)
         m = self.pad_to_multiple_of
         seq_length = -(-longest // m) * m

@@ -77,6 +77,8 @@ class PackedDataset(torch.utils.data.Dataset):
     ``packing_efficiency`` is real tokens / (number of packs * ``pack_size``).
     """
 
+    packing_script = "prepare_packed_sft_dataset.py"  # named in the error of a stale packs file
+
     def __init__(self, dataset, pack_size: int, algorithm: str = "first_fit_shuffle", seed: int = 1234, bins=None):
         if bins is None:
             if algorithm == "first_fit_decreasing":
@@ -106,7 +108,7 @@ class PackedDataset(torch.utils.data.Dataset):
         if saved["lengths"] != list(dataset.lengths):
             raise ValueError(
                 f"{path}: the packs were computed for other samples ({len(saved['lengths'])} samples saved, "
-                f"{len(dataset.lengths)} now, or other lengths); re-run prepare_packed_sft_dataset.py "
+                f"{len(dataset.lengths)} now, or other lengths); re-run {cls.packing_script} "
                 "with the same data, tokenizer and max_seq_length"
             )
         return cls.from_bins(dataset, saved["bins"], saved["pack_size"])

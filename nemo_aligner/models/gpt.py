@@ -177,14 +177,15 @@ class RopeScaling:
 
 
 def build_gpt_model(cfg, vocab_size: int, pre_process=None, post_process=None, seed=None,
-                    initialize: bool = True):
+                    initialize: bool = True, model_class=GPTModel, **model_kwargs):
     """Build this rank's part of the GPT described by ``cfg`` (``model.*``).
 
     ``vocab_size`` is the real vocabulary (the tokenizer's, or an imported model's); it is
     padded (see :func:`padded_vocab_size`) and the padding ids are masked out of the logits
     (see :func:`mask_padded_vocab`). ``pre_process``/``post_process`` default to this rank's
     pipeline position. ``initialize=False`` skips weight initialization (the caller loads
-    every weight).
+    every weight). ``model_class`` (a ``GPTModel`` subclass, e.g. the reward model) is built
+    with the same arguments plus ``model_kwargs``.
     """
     window = cfg_get(cfg, "sliding_window", None)
     if window is not None and int(cfg_get(cfg, "encoder_seq_length")) > int(window):
@@ -208,7 +209,7 @@ def build_gpt_model(cfg, vocab_size: int, pre_process=None, post_process=None, s
     )
     # With tied embeddings under PP the constructor syncs the embedding copy over CUDA.
     with cuda_on_cpu():
-        model = GPTModel(
+        model = model_class(
             config=config,
             transformer_layer_spec=layer_spec(config),
             vocab_size=padded_vocab_size(vocab_size, cfg),
@@ -223,6 +224,7 @@ def build_gpt_model(cfg, vocab_size: int, pre_process=None, post_process=None, s
             rotary_percent=float(cfg_get(cfg, "rotary_percent", 1.0)),
             rotary_base=int(cfg_get(cfg, "rotary_base", 10000)),
             seq_len_interpolation_factor=cfg_get(cfg, "seq_len_interpolation_factor", None),
+            **model_kwargs,
         )
     scaling = cfg_get(cfg, "rope_scaling", None)
     if scaling and position == "rope":

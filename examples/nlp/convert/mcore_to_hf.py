@@ -7,7 +7,9 @@ The directory holds ``config.json``, safetensors weights (sharded with an index 
 ``--max-shard-size``) and the checkpoint's tokenizer, and loads with
 ``transformers.AutoModelForCausalLM.from_pretrained``. A model imported from Hugging Face
 is written as its own architecture with its original config fields; a model trained from
-scratch as the family it matches (Llama, Qwen2 or GPT-2).
+scratch as the family it matches (Llama, Qwen2 or GPT-2). A reward model is written as that
+family's ``*ForSequenceClassification`` (its head as ``score``; reward standardization is not
+part of the export).
 """
 
 import argparse
@@ -36,6 +38,7 @@ def main(argv=None):
 
     from nemo_aligner.checkpoint.distributed import CheckpointError, is_checkpoint, read_model_config
     from nemo_aligner.checkpoint.hf import export_hf_model
+    from nemo_aligner.models.reward_model import is_reward_checkpoint, reward_model_from_checkpoint
     from nemo_aligner.utils import distributed
     from nemo_aligner.utils.entry import report_user_errors
     from nemo_aligner.utils.logging import get_logger
@@ -46,8 +49,11 @@ def main(argv=None):
         if not is_checkpoint(args.input):
             raise CheckpointError(f"--input {args.input} is not one of our checkpoints (metadata.json + model_config.yaml)")
         distributed.initialize(args.tp, args.pp)
-        model = model_from_checkpoint(args.input)
-        model_cfg = read_model_config(args.input)
+        if is_reward_checkpoint(args.input):  # written as a *ForSequenceClassification model
+            model, model_cfg = reward_model_from_checkpoint(args.input)
+        else:
+            model = model_from_checkpoint(args.input)
+            model_cfg = read_model_config(args.input)
         tokenizer = Path(args.input) / "tokenizer"
         out = export_hf_model(model, model_cfg, args.output, dtype=args.dtype,
                               tokenizer_dir=tokenizer if tokenizer.is_dir() else None,

@@ -1,0 +1,21 @@
+"""DPO-family training (DPO, IPO, hinge, SimPO, RPO; see conf/gpt_dpo.yaml and docs/dpo.md).
+
+    python examples/nlp/gpt/train_gpt_dpo.py [hydra overrides]
+    torchrun --nproc-per-node 8 examples/nlp/gpt/train_gpt_dpo.py \
+        model.tensor_model_parallel_size=2 model.pipeline_model_parallel_size=2
+"""
+
+import hydra
+
+from nemo_aligner.utils.entry import run_training
+
+
+@hydra.main(config_path="../../../conf", config_name="gpt_dpo", version_base="1.3")
+def main(cfg) -> None:
+    from nemo_aligner.algorithms.dpo import build_dpo_trainer
+
+    run_training(cfg, build_dpo_trainer)
+
+
+if __name__ == "__main__":  # dist_checkpointing's writer processes re-import this file
+    main()

@@ -1,0 +1,21 @@
+"""KTO training (see conf/gpt_kto.yaml and docs/dpo.md).
+
+    python examples/nlp/gpt/train_gpt_kto.py [hydra overrides]
+    torchrun --nproc-per-node 8 examples/nlp/gpt/train_gpt_kto.py \
+        model.tensor_model_parallel_size=2 model.pipeline_model_parallel_size=2
+"""
+
+import hydra
+
+from nemo_aligner.utils.entry import run_training
+
+
+@hydra.main(config_path="../../../conf", config_name="gpt_kto", version_base="1.3")
+def main(cfg) -> None:
+    from nemo_aligner.algorithms.dpo import build_kto_trainer
+
+    run_training(cfg, build_kto_trainer)
+
+
+if __name__ == "__main__":  # dist_checkpointing's writer processes re-import this file
+    main()

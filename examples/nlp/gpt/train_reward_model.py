@@ -1,0 +1,22 @@
+"""Reward-model training: Bradley-Terry family or regression (see conf/training_rm.yaml and
+docs/reward_models.md).
+
+    python examples/nlp/gpt/train_reward_model.py [hydra overrides]
+    torchrun --nproc-per-node 8 examples/nlp/gpt/train_reward_model.py \
+        model.tensor_model_parallel_size=2 model.pipeline_model_parallel_size=2
+"""
+
+import hydra
+
+from nemo_aligner.utils.entry import run_training
+
+
+@hydra.main(config_path="../../../conf", config_name="training_rm", version_base="1.3")
+def main(cfg) -> None:
+    from nemo_aligner.algorithms.reward import build_rm_trainer
+
+    run_training(cfg, build_rm_trainer)
+
+
+if __name__ == "__main__":  # dist_checkpointing's writer processes re-import this file
+    main()

@@ -1,0 +1,115 @@
+"""Builder pieces shared by the trainers whose data are groups of sequences (DPO, KTO,
+reward models): data settings, packing, step loaders, and the common tail of a build
+(optimizer, resume, metrics)."""
+
+from functools import partial
+
+from nemo_aligner.data.loader import StepLoader
+from nemo_aligner.data.preference import PackedGroupDataset, group_collate, group_length, padding_group
+from nemo_aligner.data.samplers import MegatronBatchSampler
+from nemo_aligner.utils import setup
+from nemo_aligner.utils.config import cfg_get
+from nemo_aligner.utils.logging import get_logger
+
+
+def data_settings(cfg, model_cfg) -> dict:
+    """``max_seq_length`` (per sequence), ``truncation``, ``add_bos``, ``add_eos`` from ``model.data``."""
+    data = cfg_get(cfg, "model.data")
+    max_len = int(data.get("max_seq_length") or model_cfg["encoder_seq_length"])
+    limit = int(model_cfg.get("max_position_embeddings") or model_cfg["encoder_seq_length"])
+    if max_len > limit:
+        raise ValueError(
+            f"model.data.max_seq_length={max_len} exceeds what the model takes "
+            f"(max_position_embeddings={limit}); lower it"
+        )
+    return {
+        "max_seq_length": max_len,
+        "truncation": data.get("truncation", "error"),
+        "add_bos": bool(data.get("add_bos", False)),
+        "add_eos": bool(data.get("add_eos", True)),
+    }
+
+
+def data_paths(cfg) -> tuple[str, str | None]:
+    prefix = cfg_get(cfg, "model.data.data_prefix", {}) or {}
+    if not prefix.get("train"):
+        raise ValueError("set model.data.data_prefix.train to a JSONL file")
+    return prefix["train"], prefix.get("validation")
+
+
+def log_dataset(name: str, dataset) -> None:
+    get_logger().info(
+        f"{name}: {len(dataset)} samples from {dataset.path} "
+        f"(truncated {dataset.num_truncated}, dropped {dataset.num_dropped} as longer than "
+        f"max_seq_length {dataset.max_seq_length}, policy '{dataset.truncation}')"
+    )
+
+
+def maybe_pack(cfg, dataset, max_seq_length: int, use_packed_file: bool = True, pack_size: int | None = None):
+    """``dataset`` packed per ``model.data.packing`` (or as is when packing is off).
+
+    ``packing.packed_file`` (precomputed bins) describes the training file; other datasets
+    (``use_packed_file=False``) are packed with ``packing.algorithm``, into packs of
+    ``pack_size`` when given (the training packs' size).
+
+    A pack must hold the largest group (a pair is two sequences of up to
+    ``max_seq_length``), so ``pack_size`` defaults to, and must be at least, twice
+    ``max_seq_length``.
+    """
+    packing = cfg_get(cfg, "model.data.packing", {}) or {}
+    if not packing.get("enabled", False):
+        return dataset
+    pack_size = int(pack_size or packing.get("pack_size") or 2 * max_seq_length)
+    if pack_size < 2 * max_seq_length:
+        raise ValueError(
+            f"model.data.packing.pack_size={pack_size} is less than twice max_seq_length ({max_seq_length}); "
+            f"a pair may not fit: set pack_size >= {2 * max_seq_length}"
+        )
+    if packing.get("packed_file") and use_packed_file:
+        packed = PackedGroupDataset.from_file(dataset, packing["packed_file"])
+    else:
+        packed = PackedGroupDataset(
+            dataset, pack_size, algorithm=packing.get("algorithm", "first_fit_shuffle"),
+            seed=int(cfg_get(cfg, "seed", 1234)),
+        )
+    get_logger().info(
+        f"packed {len(dataset)} samples into {len(packed)} packs of {packed.pack_size} tokens "
+        f"(efficiency {packed.packing_efficiency:.3f})"
+    )
+    return packed
+
+
+def group_loaders(cfg, model_cfg, train_ds, val_ds, pad_id: int):
+    """Step loaders over group datasets (packed or not), and their collate function."""
+    dp_rank, dp_size = setup.data_parallel_info()
+    data = cfg_get(cfg, "model.data")
+    gbs, mbs = int(model_cfg["global_batch_size"]), int(model_cfg["micro_batch_size"])
+    seed = int(cfg_get(cfg, "seed", 1234))
+    multiple = 8 * int(model_cfg.get("tensor_model_parallel_size", 1))
+    collate = partial(group_collate, pad_id=pad_id)
+
+    def loader(ds, shuffle, drop_last):
+        sampler = MegatronBatchSampler(
+            len(ds), 0, gbs, dp_rank, dp_size, drop_last=drop_last, shuffle=shuffle, seed=seed
+        )
+        return StepLoader(ds, sampler, mbs, collate, pad_to_multiple_of=multiple,
+                          sample_length=group_length, padding_sample=padding_group)
+
+    train = loader(train_ds, bool(data.get("shuffle", True)), bool(data.get("drop_last", True)))
+    val = loader(val_ds, False, False) if val_ds is not None else None
+    return train, val, collate
+
+
+def finish_build(cfg, trainer, model_cfg, model):
+    """Optimizer and LR schedule, resume from the latest checkpoint, metrics logger."""
+    from nemo_aligner.utils.logging import MetricsLogger
+
+    trainer.optimizer, trainer.scheduler = setup.build_optimization(
+        cfg, model_cfg, model, trainer.algo, trainer.max_steps
+    )
+    if cfg_get(cfg, "exp_manager.resume_if_exists", True):
+        latest = trainer.checkpoint_manager.latest()
+        if latest is not None:
+            trainer.restore(latest)
+    trainer.metrics_logger = MetricsLogger(setup.log_dir(cfg))
+    return trainer

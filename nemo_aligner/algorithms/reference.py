@@ -1,0 +1,119 @@
+"""Sequence log-probs, and the reference policy's, for the DPO family and KTO.
+
+The reference policy is the frozen initial model. Two ways to get its log-probs
+(``model.<algo>.ref_logprobs``):
+
+- ``precompute``: one forward-only pass over the dataset with the initial weights before
+  training; each sample keeps its reference log-prob sums (``dataset.ref_logps``) and the
+  batches carry them. No reference forward during training.
+- ``swap``: a CPU copy of the initial weights (:class:`ReferenceWeights`) is exchanged with
+  the live parameters for a no-grad forward over each step's micro-batches, then exchanged
+  back. Costs one extra forward per step and one parameter-sized copy in CPU memory, but
+  nothing per sample (for datasets too large or too dynamic to precompute).
+
+Both run the same forward-only pipeline schedule as training, so they work at any
+TP/PP/DP layout and give the values the training forward would give.
+"""
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from tqdm import tqdm
+
+from nemo_aligner.models.collect import forward_only_collect
+from nemo_aligner.models.logprobs import token_logprobs
+from nemo_aligner.utils.distributed import is_global_rank_zero
+
+REFERENCE_MODES = ("precompute", "swap")
+
+
+def sequence_sums(values: torch.Tensor, seq_ids: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """``out[k] = sum of values[t] over the tokens t of sequence k`` (``seq_ids[t] == k``;
+    tokens with ``seq_ids == -1`` must carry 0). Differentiable w.r.t. ``values``."""
+    ids = seq_ids.reshape(-1).to(values.device).clamp(min=0)
+    return values.new_zeros(num_sequences).index_add(0, ids, values.reshape(-1))
+
+
+def sequence_logps(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums of response-token log-probs, and response-token counts.
+
+        logp_k = sum_{t in seq k} mask_t log p(label_t),     n_k = sum_{t in seq k} mask_t
+
+    ``logits``: ``[rows, s, V/tp]`` (vocab-parallel, exact under TP); ``batch`` from
+    :func:`nemo_aligner.data.preference.group_collate`. Returns two float32 ``[S]`` tensors.
+    """
+    logp = token_logprobs(logits, batch["labels"].to(logits.device), inplace=True)
+    mask = batch["loss_mask"].to(logp.device, logp.dtype)
+    n = len(batch["last_index"])
+    return sequence_sums(logp * mask, batch["seq_ids"], n), sequence_sums(mask, batch["seq_ids"], n)
+
+
+def _reference_sums(logits, batch):
+    return sequence_logps(logits, batch)[0].detach().cpu()
+
+
+@torch.no_grad()
+def precompute_reference_logps(model_chunks, dataset, base_dataset, collate_fn, micro_batch_size: int,
+                               desc: str = "reference log-probs") -> None:
+    """Fill ``base_dataset.ref_logps`` (``[N, 2]``) with the current weights' log-prob sums.
+
+    ``dataset`` yields groups of ``base_dataset``'s samples (the dataset itself, or its
+    packs); data-parallel ranks split its items, every rank ends with all the values.
+    Must be called by every rank.
+    """
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    mine = list(range(dp_rank, len(dataset), dp_size))
+    values = torch.zeros(len(base_dataset), 2, dtype=torch.float64)
+    chunks = [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    for chunk in tqdm(chunks, desc=desc, disable=not is_global_rank_zero(), dynamic_ncols=True):
+        batch = collate_fn([dataset[i] for i in chunk])
+        sums = forward_only_collect(model_chunks, [batch], _reference_sums)
+        if sums is not None:
+            values[batch["sample_ids"]] = sums[0].view(-1, 2).double()
+    if dist.is_initialized():
+        # Each sample is computed once, on one data-parallel rank's last pipeline stage.
+        dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
+    base_dataset.ref_logps.copy_(values.float())
+
+
+class ReferenceWeights:
+    """The initial parameters of this rank's model chunks, kept in CPU memory.
+
+    :meth:`swapped` exchanges them with the live parameters (tensor by tensor, through one
+    temporary the size of a single parameter) and exchanges them back on exit, so the
+    policy's weights, gradients and optimizer state are untouched.
+    """
+
+    def __init__(self, model_chunks):
+        chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
+        self.params = [p for chunk in chunks for p in chunk.parameters()]
+        self.cpu = [p.detach().to("cpu", copy=True) for p in self.params]
+
+    @torch.no_grad()
+    def _exchange(self) -> None:
+        for param, stored in zip(self.params, self.cpu):
+            live = param.detach().clone()
+            param.copy_(stored)
+            stored.copy_(live)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        self._exchange()
+        try:
+            yield
+        finally:
+            self._exchange()
+
+
+def attach_reference_logps(reference: ReferenceWeights, model_chunks, micro_batches: list[dict]) -> None:
+    """Swap mode: set ``batch["ref_logps"]`` on every micro-batch (on the last pipeline stage,
+    the only one computing losses) from a no-grad forward with the reference weights."""
+    with reference.swapped():
+        sums = forward_only_collect(model_chunks, micro_batches, _reference_sums)
+    if sums is not None:
+        for batch, values in zip(micro_batches, sums):
+            batch["ref_logps"] = values
