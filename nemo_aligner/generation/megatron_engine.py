@@ -24,23 +24,31 @@ the model's own parameters for the local layer spec; the fast one on CPU) and
 
 Weights: by default the engine runs on the training model itself (``refit`` is free);
 :meth:`MegatronEngine.with_own_weights` builds a separate copy (e.g. another dtype) that
-``refit`` overwrites in place. Pipeline parallelism: the engine's model must hold every
-layer (PP=1); see :mod:`nemo_aligner.generation.refit`.
+``refit`` overwrites in place. Pipeline parallelism: the engine's model holds every layer;
+under a pipeline-parallel trainer ``with_own_weights`` folds the stages into data
+parallelism (every pipeline rank holds the whole model and generates its own prompts; refit
+gathers the layers from their stages), see :mod:`nemo_aligner.generation.refit`.
 """
 
 import contextlib
 
 import torch
+from megatron.core import parallel_state
 
+from nemo_aligner.generation.context_decoder import MegatronContextDecoder
 from nemo_aligner.generation.engine import (
     GenerationError,
     GenerationOutput,
     RolloutEngine,
     SamplingParams,
 )
-from nemo_aligner.generation.context_decoder import MegatronContextDecoder
 from nemo_aligner.generation.lean_decoder import LeanDecoder, unsupported_reason
-from nemo_aligner.generation.refit import WeightCopier, unwrap_model
+from nemo_aligner.generation.refit import (
+    PipelineGatherCopier,
+    WeightCopier,
+    folded_process_groups,
+    unwrap_model,
+)
 from nemo_aligner.generation.sampling import choose_next_tokens
 from nemo_aligner.generation.stopping import StopStringMatcher
 
@@ -94,9 +102,9 @@ class MegatronEngine(RolloutEngine):
         self.model = unwrap_model(model)
         if not (self.model.pre_process and self.model.post_process):
             raise GenerationError(
-                "MegatronEngine needs a model holding every layer (pipeline_model_parallel_size=1); "
-                "under pipeline parallelism build the engine with MegatronEngine.with_own_weights "
-                "on a PP=1 layout, or generate on a PP=1 run"
+                "MegatronEngine needs a model holding every layer; under pipeline parallelism build "
+                "it with MegatronEngine.with_own_weights(model_cfg, training_model), which folds the "
+                "pipeline stages into data parallelism for generation"
             )
         self.tokenizer = tokenizer
         self.vocab_size = int(vocab_size if vocab_size is not None else tokenizer.vocab_size)
@@ -121,9 +129,14 @@ class MegatronEngine(RolloutEngine):
     def with_own_weights(cls, model_cfg, source_model, tokenizer=None, *, precision=None, **kwargs):
         """An engine holding its own copy of ``source_model``'s weights.
 
-        ``model_cfg`` is the source's ``model.*`` config (at the current TP size, PP=1);
+        ``model_cfg`` is the source's ``model.*`` config (at the current TP size);
         ``precision`` overrides its dtype (e.g. ``"bf16"`` for a float32 trainer). The copy
         is allocated once; :meth:`refit` overwrites it in place.
+
+        Under pipeline parallelism (collective over the pipeline group) the copy holds every
+        layer on every pipeline rank, gathered from the stages at each refit: the stages are
+        folded into data parallelism for generation, each stage's TP group generating its
+        own prompts (see :class:`~nemo_aligner.generation.refit.PipelineGatherCopier`).
         """
         from nemo_aligner.models.gpt import build_gpt_model
 
@@ -131,12 +144,17 @@ class MegatronEngine(RolloutEngine):
         if precision is not None:
             cfg["precision"] = precision
         vocab = cfg.get("vocab_size") or kwargs.get("vocab_size") or tokenizer.vocab_size
+        folded = parallel_state.get_pipeline_model_parallel_world_size() > 1
+        extra = {}
+        if folded:  # every layer on every pipeline rank (see nemo_aligner.generation.refit)
+            cfg["pipeline_model_parallel_size"] = 1
+            extra["pg_collection"] = folded_process_groups()
         # No initialization: refit overwrites every weight right away.
-        own = build_gpt_model(cfg, int(vocab), pre_process=True, post_process=True, initialize=False)
+        own = build_gpt_model(cfg, int(vocab), pre_process=True, post_process=True, initialize=False, **extra)
         for p in own.parameters():
             p.requires_grad_(False)
         engine = cls(own, tokenizer, **kwargs)
-        engine._copier = WeightCopier(own)
+        engine._copier = PipelineGatherCopier(own) if folded else WeightCopier(own)
         engine.refit(source_model)
         return engine
 
