@@ -74,8 +74,6 @@ def unsupported_reason(model) -> str | None:
         for module, expected in checks:
             if type(module) is not expected:
                 return f"layer module {type(module).__name__} (the lean decoder knows {expected.__name__})"
-        if attn.linear_qkv.skip_bias_add or not attn.linear_proj.skip_bias_add:
-            return "an unexpected bias placement in attention"
         if attn.config.num_query_groups < attn.world_size:
             return "fewer query groups than tensor-parallel ranks"
     return None
@@ -91,13 +89,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class _Linear:
-    """``y = x @ W^T (+ b)`` for a Megatron column/row-parallel layer; a row-parallel
-    layer all-reduces over tensor parallelism before its bias, which the layer may leave
-    to the caller (``skip_bias_add``)."""
+    """``y = x @ W^T (+ b)`` for a Megatron column/row-parallel layer; a row-parallel layer
+    all-reduces over tensor parallelism before its bias. (Whether Megatron adds the bias in
+    the layer or leaves it to the caller, ``skip_bias_add``, the caller adds it next, so
+    the result is the same.)"""
 
     def __init__(self, layer):
         self.weight_t, self.bias = layer.weight.t(), layer.bias  # a view: refits show through
-        self.skip_bias = layer.skip_bias_add
         self.group = layer.tp_group if isinstance(layer, RowParallelLinear) else None
         if self.group is not None and self.group.size() == 1:
             self.group = None
@@ -164,7 +162,6 @@ class LeanDecoder:
     """
 
     def __init__(self, model, positions: torch.Tensor, key_valid: torch.Tensor, vocab_size: int):
-        self.model = model
         self.positions, self.key_valid = positions, key_valid
         self.padded = bool((~key_valid).any())
         self.layers = [_Layer(layer) for layer in model.decoder.layers]

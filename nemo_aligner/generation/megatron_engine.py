@@ -68,7 +68,7 @@ DECODERS = ("auto", "lean", "megatron")
 
 
 class MegatronEngine(RolloutEngine):
-    """Generation on a Megatron-Core ``GPTModel`` chunk holding every layer (PP=1 model).
+    """Generation on a Megatron-Core ``GPTModel`` holding every layer.
 
     Args:
         model: the GPT (or a DDP wrapper of it) to generate with; shared, not copied.
@@ -181,8 +181,7 @@ class MegatronEngine(RolloutEngine):
 
     def free(self) -> None:
         """Drop the engine's own weight copy (a shared model is left to its owner)."""
-        if self._copier is not None:
-            self._copier = None
+        self._copier = None
         self.model = None
 
     # ----------------------------------------------------------------- inputs
