@@ -51,6 +51,7 @@ from nemo_aligner.generation.refit import (
 )
 from nemo_aligner.generation.sampling import choose_next_tokens
 from nemo_aligner.generation.stopping import StopStringMatcher
+from nemo_aligner.models.attention import SDPACoreAttention
 
 
 @contextlib.contextmanager
@@ -123,6 +124,11 @@ class MegatronEngine(RolloutEngine):
         if decoder == "lean" and reason is not None:
             raise GenerationError(f"the lean decoder does not support {reason}; use decoder='megatron'")
         self.decoder = "lean" if decoder == "lean" or (decoder == "auto" and reason is None) else "megatron"
+        # Padding masks reach only our SDPA attention; other core attentions (Transformer
+        # Engine's) follow Megatron's mask type, so they get batches without padding.
+        self.equal_length_batches = self.decoder == "megatron" and any(
+            type(layer.self_attention.core_attention) is not SDPACoreAttention for layer in self.model.decoder.layers
+        )
 
     # ----------------------------------------------------------------- weights
     @classmethod
@@ -235,16 +241,13 @@ class MegatronEngine(RolloutEngine):
         self._check_lengths(ids, params)
         stops = StopStringMatcher(self.tokenizer, params.stop_strings)
 
-        # Longest prompts first, chunked: little padding inside a chunk.
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         n, width = len(ids), params.max_new_tokens
         tokens = torch.full((n, width), self.pad_id, dtype=torch.long)
         logprobs = torch.zeros(n, width)
         sampling_logprobs = torch.zeros(n, width)
         lengths = torch.zeros(n, dtype=torch.long)
         is_end = torch.zeros(n, dtype=torch.bool)
-        for start in range(0, n, self.max_batch_size):
-            chunk = order[start:start + self.max_batch_size]
+        for chunk in self._chunks(ids):
             out = self._generate_chunk([ids[i] for i in chunk], params, [seeds[i] for i in chunk], stops)
             index = torch.tensor(chunk)
             for dst, src in zip((tokens, logprobs, sampling_logprobs, lengths, is_end), out):
@@ -261,6 +264,15 @@ class MegatronEngine(RolloutEngine):
         if self.tokenizer is not None:
             result.texts = [self.tokenizer.ids_to_text(r) for r in result.response_ids]
         return result
+
+    def _chunks(self, ids) -> list[list[int]]:
+        """Prompt indices per batch: longest first, so a batch pads little (none at all with
+        ``equal_length_batches``)."""
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        groups = [order]
+        if self.equal_length_batches:
+            groups = [[i for i in order if len(ids[i]) == n] for n in sorted({len(r) for r in ids}, reverse=True)]
+        return [g[s:s + self.max_batch_size] for g in groups for s in range(0, len(g), self.max_batch_size)]
 
     def _end_ids(self, params: SamplingParams, device) -> torch.Tensor:
         ends = [self.eos_id] if self.eos_id is not None else []
