@@ -15,6 +15,8 @@ models have the same tensor-parallel layout (each rank handles its own TP shard)
   (the training TP group, a pipeline group of one).
 """
 
+import weakref
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -36,7 +38,7 @@ class WeightCopier:
 
     def __init__(self, target):
         self.target = target
-        self._source_id = None
+        self._source = lambda: None  # weak reference to the model the pairs were made for
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def _pair(self, source) -> None:
@@ -56,11 +58,12 @@ class WeightCopier:
                 )
             pairs.append((dst, src[name]))
         self._pairs = pairs
-        self._source_id = id(source)
+        self._source = weakref.ref(source)
 
     @torch.no_grad()
     def copy_from(self, source) -> None:
-        if id(source) != self._source_id:
+        # Identity, not id(): a new model may reuse a freed one's id.
+        if self._source() is not source:
             self._pair(source)
         for dst, src in self._pairs:
             dst.copy_(src)
@@ -102,7 +105,7 @@ class PipelineGatherCopier:
 
     def __init__(self, target):
         self.target = target
-        self._source_id = None
+        self._source = lambda: None  # weak reference to the model the plan was made for
         self._plan: list[tuple[torch.Tensor, torch.Tensor | None, int]] = []
         self.group = parallel_state.get_pipeline_model_parallel_group()
 
@@ -129,11 +132,11 @@ class PipelineGatherCopier:
                 )
             plan.append((dst, mine[name] if owner == stage else None, ranks[owner]))
         self._plan = plan
-        self._source_id = id(source)
+        self._source = weakref.ref(source)
 
     @torch.no_grad()
     def copy_from(self, source) -> None:
-        if id(source) != self._source_id:
+        if self._source() is not source:
             self._pair(source)
         for dst, src, owner in self._plan:
             if src is not None:
