@@ -186,3 +186,35 @@ def test_kto_loss_fn_matches_hand_formula(tok, tmp_path, dist_world_of_one):
     assert int(count) == 6
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
     assert float(metrics["kl_sum"]) / 6 == pytest.approx(z0.item(), abs=1e-6)
+
+
+def test_sequence_logps_of_an_imported_hf_model_match_transformers(tmp_path, dist_world_of_one):
+    """What DPO sees of a Hugging Face model (imported) equals transformers' own log-probs."""
+    from hf_models import make_hf_model
+
+    from nemo_aligner.checkpoint.hf import import_hf_model
+    from nemo_aligner.data.preference import make_sequence
+
+    hf = make_hf_model("llama", tmp_path / "hf", seed=3)
+    ours, _ = import_hf_model(tmp_path / "hf")
+    g = torch.Generator().manual_seed(0)
+    groups = []
+    for n_prompt, n_c, n_r in ((5, 7, 3), (9, 2, 11)):
+        prompt = torch.randint(3, 300, (n_prompt,), generator=g)
+        seqs = []
+        for n in (n_c, n_r):
+            ids = torch.cat([prompt, torch.randint(3, 300, (n,), generator=g)])
+            mask = torch.cat([torch.zeros(n_prompt, dtype=torch.long), torch.ones(n, dtype=torch.long)])
+            seqs.append(make_sequence(ids, mask, shift=True))
+        groups.append({"sequences": seqs, "sample_ids": torch.tensor([len(groups)])})
+    batch = group_collate(groups, pad_id=0)
+    with torch.no_grad():
+        got = sequence_logps(forward_batch(ours, batch), batch)[0]
+        want = []
+        for g_ in groups:
+            for s in g_["sequences"]:
+                ids = torch.cat([s["tokens"], s["labels"][-1:]])
+                logp = torch.log_softmax(hf(ids[None]).logits[0, :-1].float(), -1)
+                token = logp.gather(-1, s["labels"][:, None])[:, 0]
+                want.append((token * s["loss_mask"]).sum())
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-4)

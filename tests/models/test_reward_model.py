@@ -106,7 +106,7 @@ def test_checkpoints_backbone_from_gpt_and_full_roundtrip(tmp_path, dist_world_o
     batch = group_collate(groups([6, 4]), pad_id=0)
     with torch.no_grad():
         torch.testing.assert_close(forward_batch(again, batch), forward_batch(rm, batch), rtol=0, atol=0)
-    with pytest.raises(Exception, match="not a reward-model checkpoint"):
+    with pytest.raises(Exception, match="is not a reward model"):
         reward_model_from_checkpoint(tmp_path / "gpt")
 
 
