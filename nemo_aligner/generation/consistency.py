@@ -16,7 +16,7 @@ table's padding ids out of their logits, and the engine samples from ids below
 
 import torch
 
-from nemo_aligner.generation.engine import GenerationOutput
+from nemo_aligner.generation.engine import GenerationError, GenerationOutput
 from nemo_aligner.generation.refit import unwrap_model
 from nemo_aligner.models.logprobs import token_logprobs
 
@@ -26,6 +26,11 @@ def trainer_logprobs(model, output: GenerationOutput) -> torch.Tensor:
     """``log p(response token)`` ``[B, T]`` from a cache-free forward of prompt + response
     (0 after each response's length). ``model``: the training model (PP=1 chunk, any TP)."""
     model = unwrap_model(model)
+    if not (model.pre_process and model.post_process):
+        raise GenerationError(
+            "trainer_logprobs needs the whole model (pipeline_model_parallel_size=1); under "
+            "pipeline parallelism compute the trainer's log-probs through its pipeline schedule"
+        )
     was_training = model.training
     model.eval()
     sequences = output.sequences()

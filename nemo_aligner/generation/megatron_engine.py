@@ -24,25 +24,34 @@ the model's own parameters for the local layer spec; the fast one on CPU) and
 
 Weights: by default the engine runs on the training model itself (``refit`` is free);
 :meth:`MegatronEngine.with_own_weights` builds a separate copy (e.g. another dtype) that
-``refit`` overwrites in place. Pipeline parallelism: the engine's model must hold every
-layer (PP=1); see :mod:`nemo_aligner.generation.refit`.
+``refit`` overwrites in place. Pipeline parallelism: the engine's model holds every layer;
+under a pipeline-parallel trainer ``with_own_weights`` folds the stages into data
+parallelism (every pipeline rank holds the whole model and generates its own prompts; refit
+gathers the layers from their stages), see :mod:`nemo_aligner.generation.refit`.
 """
 
 import contextlib
 
 import torch
+from megatron.core import parallel_state
 
+from nemo_aligner.generation.context_decoder import MegatronContextDecoder
 from nemo_aligner.generation.engine import (
     GenerationError,
     GenerationOutput,
     RolloutEngine,
     SamplingParams,
 )
-from nemo_aligner.generation.context_decoder import MegatronContextDecoder
 from nemo_aligner.generation.lean_decoder import LeanDecoder, unsupported_reason
-from nemo_aligner.generation.refit import WeightCopier, unwrap_model
+from nemo_aligner.generation.refit import (
+    PipelineGatherCopier,
+    WeightCopier,
+    folded_process_groups,
+    unwrap_model,
+)
 from nemo_aligner.generation.sampling import choose_next_tokens
 from nemo_aligner.generation.stopping import StopStringMatcher
+from nemo_aligner.models.attention import SDPACoreAttention
 
 
 @contextlib.contextmanager
@@ -60,7 +69,7 @@ DECODERS = ("auto", "lean", "megatron")
 
 
 class MegatronEngine(RolloutEngine):
-    """Generation on a Megatron-Core ``GPTModel`` chunk holding every layer (PP=1 model).
+    """Generation on a Megatron-Core ``GPTModel`` holding every layer.
 
     Args:
         model: the GPT (or a DDP wrapper of it) to generate with; shared, not copied.
@@ -94,9 +103,9 @@ class MegatronEngine(RolloutEngine):
         self.model = unwrap_model(model)
         if not (self.model.pre_process and self.model.post_process):
             raise GenerationError(
-                "MegatronEngine needs a model holding every layer (pipeline_model_parallel_size=1); "
-                "under pipeline parallelism build the engine with MegatronEngine.with_own_weights "
-                "on a PP=1 layout, or generate on a PP=1 run"
+                "MegatronEngine needs a model holding every layer; under pipeline parallelism build "
+                "it with MegatronEngine.with_own_weights(model_cfg, training_model), which folds the "
+                "pipeline stages into data parallelism for generation"
             )
         self.tokenizer = tokenizer
         self.vocab_size = int(vocab_size if vocab_size is not None else tokenizer.vocab_size)
@@ -115,27 +124,43 @@ class MegatronEngine(RolloutEngine):
         if decoder == "lean" and reason is not None:
             raise GenerationError(f"the lean decoder does not support {reason}; use decoder='megatron'")
         self.decoder = "lean" if decoder == "lean" or (decoder == "auto" and reason is None) else "megatron"
+        # Padding masks reach only our SDPA attention; other core attentions (Transformer
+        # Engine's) follow Megatron's mask type, so they get batches without padding.
+        self.equal_length_batches = self.decoder == "megatron" and any(
+            type(layer.self_attention.core_attention) is not SDPACoreAttention for layer in self.model.decoder.layers
+        )
 
     # ----------------------------------------------------------------- weights
     @classmethod
     def with_own_weights(cls, model_cfg, source_model, tokenizer=None, *, precision=None, **kwargs):
         """An engine holding its own copy of ``source_model``'s weights.
 
-        ``model_cfg`` is the source's ``model.*`` config (at the current TP size, PP=1);
+        ``model_cfg`` is the source's ``model.*`` config (at the current TP size);
         ``precision`` overrides its dtype (e.g. ``"bf16"`` for a float32 trainer). The copy
         is allocated once; :meth:`refit` overwrites it in place.
+
+        Under pipeline parallelism (collective over the pipeline group) the copy holds every
+        layer on every pipeline rank, gathered from the stages at each refit: the stages are
+        folded into data parallelism for generation, each stage's TP group generating its
+        own prompts (see :class:`~nemo_aligner.generation.refit.PipelineGatherCopier`).
         """
         from nemo_aligner.models.gpt import build_gpt_model
 
         cfg = dict(model_cfg)
         if precision is not None:
             cfg["precision"] = precision
-        vocab = kwargs.get("vocab_size") or cfg.get("vocab_size") or tokenizer.vocab_size
-        own = build_gpt_model(cfg, int(vocab), pre_process=True, post_process=True)
+        vocab = cfg.get("vocab_size") or kwargs.get("vocab_size") or tokenizer.vocab_size
+        folded = parallel_state.get_pipeline_model_parallel_world_size() > 1
+        extra = {}
+        if folded:  # every layer on every pipeline rank (see nemo_aligner.generation.refit)
+            cfg["pipeline_model_parallel_size"] = 1
+            extra["pg_collection"] = folded_process_groups()
+        # No initialization: refit overwrites every weight right away.
+        own = build_gpt_model(cfg, int(vocab), pre_process=True, post_process=True, initialize=False, **extra)
         for p in own.parameters():
             p.requires_grad_(False)
         engine = cls(own, tokenizer, **kwargs)
-        engine._copier = WeightCopier(own)
+        engine._copier = PipelineGatherCopier(own) if folded else WeightCopier(own)
         engine.refit(source_model)
         return engine
 
@@ -162,8 +187,7 @@ class MegatronEngine(RolloutEngine):
 
     def free(self) -> None:
         """Drop the engine's own weight copy (a shared model is left to its owner)."""
-        if self._copier is not None:
-            self._copier = None
+        self._copier = None
         self.model = None
 
     # ----------------------------------------------------------------- inputs
@@ -217,16 +241,13 @@ class MegatronEngine(RolloutEngine):
         self._check_lengths(ids, params)
         stops = StopStringMatcher(self.tokenizer, params.stop_strings)
 
-        # Longest prompts first, chunked: little padding inside a chunk.
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         n, width = len(ids), params.max_new_tokens
         tokens = torch.full((n, width), self.pad_id, dtype=torch.long)
         logprobs = torch.zeros(n, width)
         sampling_logprobs = torch.zeros(n, width)
         lengths = torch.zeros(n, dtype=torch.long)
         is_end = torch.zeros(n, dtype=torch.bool)
-        for start in range(0, n, self.max_batch_size):
-            chunk = order[start:start + self.max_batch_size]
+        for chunk in self._chunks(ids):
             out = self._generate_chunk([ids[i] for i in chunk], params, [seeds[i] for i in chunk], stops)
             index = torch.tensor(chunk)
             for dst, src in zip((tokens, logprobs, sampling_logprobs, lengths, is_end), out):
@@ -243,6 +264,15 @@ class MegatronEngine(RolloutEngine):
         if self.tokenizer is not None:
             result.texts = [self.tokenizer.ids_to_text(r) for r in result.response_ids]
         return result
+
+    def _chunks(self, ids) -> list[list[int]]:
+        """Prompt indices per batch: longest first, so a batch pads little (none at all with
+        ``equal_length_batches``)."""
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        groups = [order]
+        if self.equal_length_batches:
+            groups = [[i for i in order if len(ids[i]) == n] for n in sorted({len(r) for r in ids}, reverse=True)]
+        return [g[s:s + self.max_batch_size] for g in groups for s in range(0, len(g), self.max_batch_size)]
 
     def _end_ids(self, params: SamplingParams, device) -> torch.Tensor:
         ends = [self.eos_id] if self.eos_id is not None else []
@@ -269,42 +299,60 @@ class MegatronEngine(RolloutEngine):
 
         end_ids = self._end_ids(params, device)
         generators = None if params.greedy else [torch.Generator().manual_seed(s) for s in seeds]
-        out_tokens = torch.full((b, width), self.pad_id, dtype=torch.long, device=device)
-        out_logprobs = torch.zeros(b, width, device=device)
-        out_sampling = torch.zeros(b, width, device=device)
+        # Results in chunk order. The live batch writes into its own buffers (plain column
+        # writes each step); rows are copied out when they leave the batch and at the end.
+        out = [torch.full((b, width), self.pad_id, dtype=torch.long, device=device),
+               torch.zeros(b, width, device=device), torch.zeros(b, width, device=device)]
         lengths = torch.zeros(b, dtype=torch.long, device=device)
         is_end = torch.zeros(b, dtype=torch.bool, device=device)
+        live = [torch.empty_like(buffer) for buffer in out]  # tokens, logprobs, sampling logprobs
+        live_len = torch.zeros(b, dtype=torch.long, device=device)
+        live_end = torch.zeros(b, dtype=torch.bool, device=device)
         rows = torch.arange(b, device=device)  # chunk row of each live batch row
         active = torch.ones(b, dtype=torch.bool, device=device)
         banned = torch.ones(b, dtype=torch.bool, device=device)
 
+        def flush(select):
+            for dst, src in zip(out, live):
+                dst[rows[select]] = src[select]
+            lengths[rows[select]], is_end[rows[select]] = live_len[select], live_end[select]
+
         decoder_cls = LeanDecoder if self.decoder == "lean" else MegatronContextDecoder
-        with _eval_mode(model), decoder_cls(model, positions, key_valid) as decoder:
+        with _eval_mode(model), decoder_cls(model, positions, key_valid, self.vocab_size) as decoder:
             logits = decoder.prefill(prompt)
             for t in range(width):
-                tok, lp, slp = choose_next_tokens(
-                    logits[:, : self.vocab_size].float(), params, generators,
+                chosen = choose_next_tokens(
+                    logits.float(), params, generators,
                     banned[: rows.numel()] if t < params.min_new_tokens else None, end_ids,
                 )
-                live = rows[active]
-                out_tokens[live, t] = tok[active]
-                out_logprobs[live, t] = lp[active]
-                out_sampling[live, t] = slp[active]
-                lengths[live] = t + 1
+                for buffer, values in zip(live, chosen):
+                    buffer[:, t] = values
+                tok = chosen[0]
+                live_len += active
                 ended = active & torch.isin(tok, end_ids)
                 if stops and t + 1 >= params.min_new_tokens:
                     for i in active.nonzero().squeeze(1).tolist():
-                        if not ended[i] and stops.matches(out_tokens[rows[i], : t + 1].tolist()):
+                        if not ended[i] and stops.matches(live[0][i, : t + 1].tolist()):
                             ended[i] = True
-                is_end[rows[ended]] = True
+                live_end |= ended
                 active &= ~ended
                 if t == width - 1 or not bool(active.any()):
                     break
                 if int(active.sum()) <= 0.75 * rows.numel():
+                    flush((~active).nonzero().squeeze(1))
                     keep = active.nonzero().squeeze(1)
                     decoder.keep_rows(keep)
                     tok, rows, active = tok[keep], rows[keep], active[keep]
+                    live = [buffer[keep] for buffer in live]
+                    live_len, live_end = live_len[keep], live_end[keep]
                     if generators is not None:
                         generators = [generators[i] for i in keep.tolist()]
                 logits = decoder.step(tok)
+            flush(torch.arange(rows.numel(), device=device))
+        # Past its length a row holds what the batch computed after it ended: clear it.
+        after = torch.arange(width, device=device).unsqueeze(0) >= lengths.unsqueeze(1)
+        out[0].masked_fill_(after, self.pad_id)
+        out[1].masked_fill_(after, 0.0)
+        out[2].masked_fill_(after, 0.0)
+        out_tokens, out_logprobs, out_sampling = out
         return out_tokens, out_logprobs, out_sampling, lengths, is_end

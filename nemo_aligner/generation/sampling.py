@@ -6,7 +6,8 @@ generated token, used to invert the cumulative distribution in vocabulary order 
 sample's tokens depend on its own seed and logits only, never on the other rows.
 
 Order of the logit transforms (the usual one): min-length masking of end tokens,
-temperature, top-k, top-p. For row ``r`` with processed logits ``z``:
+temperature, top-k, top-p. For row ``r`` with processed candidate logits ``z`` (see
+:func:`candidates`: sorted by probability when filtered, the vocabulary in id order when not):
 
     logprob_r          = log softmax(raw logits)[token]          (the model's distribution)
     sampling_logprob_r = log softmax(z)[token]                    (what was sampled from)
@@ -28,27 +29,33 @@ def mask_end_tokens(logits: torch.Tensor, rows: torch.Tensor, end_ids: torch.Ten
     return masked
 
 
-def filter_top_k(z: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the ``k`` largest logits per row (ties with the k-th are kept too)."""
-    if k <= 0 or k >= z.shape[-1]:
-        return z
-    kth = torch.topk(z, k, dim=-1).values[:, -1:]
-    return z.masked_fill(z < kth, NEG_INF)
+def candidates(z: torch.Tensor, top_k: int, top_p: float):
+    """The tokens that may be drawn: ``(logits [B, C], ids [B, C] or None)``.
 
-
-def filter_top_p(z: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of most probable tokens whose probability reaches ``p``.
-
-    A token is dropped when the tokens more probable than it already hold ``>= p`` of the
-    mass; the most probable token is always kept.
+    With top-k and/or top-p the candidates are sorted by logit, most probable first
+    (``torch.topk`` keeps exactly ``k``; ties at the k-th value are broken by its order),
+    and top-p then masks the tail to ``-inf``; so top-k + top-p sorts ``k`` values, not the
+    vocabulary. Without either, the candidates are the whole vocabulary in id order
+    (``ids`` is ``None``).
     """
-    if p >= 1.0:
-        return z
-    sorted_z, order = torch.sort(z, dim=-1, descending=True)
+    if 0 < top_k < z.shape[-1]:
+        values, ids = torch.topk(z, top_k, dim=-1)
+    elif top_p < 1.0:
+        values, ids = torch.sort(z, dim=-1, descending=True)
+    else:
+        return z, None
+    if top_p < 1.0:
+        values = nucleus(values, top_p)
+    return values, ids
+
+
+def nucleus(sorted_z: torch.Tensor, p: float) -> torch.Tensor:
+    """Top-p on logits sorted in descending order: keep the smallest prefix whose
+    probability reaches ``p`` (a token is dropped when the tokens before it already hold
+    ``>= p``; the first token always stays)."""
     probs = torch.softmax(sorted_z, dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    sorted_z = sorted_z.masked_fill(mass_before >= p, NEG_INF)
-    return torch.empty_like(z).scatter_(-1, order, sorted_z)
+    return sorted_z.masked_fill(mass_before >= p, NEG_INF)
 
 
 def uniforms(generators: list[torch.Generator]) -> torch.Tensor:
@@ -91,9 +98,10 @@ def choose_next_tokens(
     else:
         if params.temperature != 1.0:
             z = z / params.temperature
-        z = filter_top_p(filter_top_k(z, params.top_k), params.top_p)
-        logq = torch.log_softmax(z, dim=-1)
-        tokens = inverse_cdf_sample(logq, uniforms(generators))
-        sampling_logprobs = logq.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        values, ids = candidates(z, params.top_k, params.top_p)
+        logq = torch.log_softmax(values, dim=-1)
+        picked = inverse_cdf_sample(logq, uniforms(generators))
+        sampling_logprobs = logq.gather(1, picked.unsqueeze(1)).squeeze(1)
+        tokens = picked if ids is None else ids.gather(1, picked.unsqueeze(1)).squeeze(1)
     logprobs = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
     return tokens, logprobs, sampling_logprobs

@@ -6,7 +6,7 @@ import torch
 
 from generation.tiny import GPT2, LLAMA, VOCAB, random_prompts
 from nemo_aligner.generation.context_decoder import MegatronContextDecoder
-from nemo_aligner.generation.lean_decoder import LeanDecoder, unsupported_reason
+from nemo_aligner.generation.lean_decoder import LeanDecoder, _norm, unsupported_reason
 
 VARIANTS = {
     "llama": LLAMA,
@@ -39,13 +39,13 @@ def test_prefill_and_steps_equal_model_forward(make_model, name):
     tokens = torch.zeros(3, width, dtype=torch.long)
     for i, p in enumerate(prompts):
         tokens[i, width - len(p):] = torch.tensor(p)
-    with LeanDecoder(model, positions, key_valid) as dec:
+    with LeanDecoder(model, positions, key_valid, VOCAB) as dec:
         got = [dec.prefill(tokens)] + [dec.step(torch.tensor([c[t] for c in continuation])) for t in range(4)]
     for i, p in enumerate(prompts):
         seq = p + continuation[i]
         ref = model(torch.tensor([seq]), torch.arange(len(seq)).unsqueeze(0), attention_mask=None)[0]
         for t in range(5):
-            torch.testing.assert_close(got[t][i], ref[len(p) - 1 + t], rtol=0, atol=2e-5)
+            torch.testing.assert_close(got[t][i], ref[len(p) - 1 + t, :VOCAB], rtol=0, atol=2e-5)
 
 
 @torch.no_grad()
@@ -54,14 +54,24 @@ def test_context_decoder_equals_model_forward(make_model):
     prompts = random_prompts([2, 7], seed=3)
     positions, key_valid = slots_for([2, 7], 2)
     tokens = torch.tensor([[0] * 5 + prompts[0], prompts[1]])
-    with MegatronContextDecoder(model, positions, key_valid) as dec:
+    with MegatronContextDecoder(model, positions, key_valid, VOCAB) as dec:
         got = [dec.prefill(tokens), dec.step(torch.tensor([11, 12]))]
     assert model.rotary_pos_emb.__class__.__name__ == "RotaryEmbedding"  # restored on exit
     for i, p in enumerate(prompts):
         seq = p + [11 + i]
         ref = model(torch.tensor([seq]), torch.arange(len(seq)).unsqueeze(0), attention_mask=None)[0]
-        torch.testing.assert_close(got[0][i], ref[len(p) - 1], rtol=0, atol=2e-5)
-        torch.testing.assert_close(got[1][i], ref[len(p)], rtol=0, atol=2e-5)
+        torch.testing.assert_close(got[0][i], ref[len(p) - 1, :VOCAB], rtol=0, atol=2e-5)
+        torch.testing.assert_close(got[1][i], ref[len(p), :VOCAB], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_is_bitwise_torchs(dtype):
+    norm = torch.nn.RMSNorm(64, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(generator=torch.Generator().manual_seed(0))
+    for shape in ((16, 1, 64), (3, 37, 64)):
+        x = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+        assert torch.equal(_norm(norm)(x), norm(x))
 
 
 def test_unsupported_models_are_named(make_model):

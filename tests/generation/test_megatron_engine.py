@@ -64,6 +64,21 @@ def test_sampling_reproducible_and_independent_of_batch(make_model, decoder):
     assert other.response_ids != full.response_ids
 
 
+def test_equal_length_batches_for_attention_without_padding_masks(make_model):
+    """Core attentions other than ours (Transformer Engine's) ignore padding masks: the
+    engine then batches prompts of one length only, with the same results."""
+    model = make_model()
+    prompts = random_prompts([4, 9, 4, 7, 9, 4], seed=8)
+    params = SamplingParams(temperature=1.0, max_new_tokens=6)
+    eng = engine(model, decoder="megatron", max_batch_size=2)
+    assert not eng.equal_length_batches
+    mixed = eng.generate(prompts, params, seeds=list(range(6)))
+    eng.equal_length_batches = True
+    chunks = eng._chunks(mixed.prompt_ids)
+    assert chunks == [[1, 4], [3], [0, 2], [5]]
+    assert eng.generate(prompts, params, seeds=list(range(6))).response_ids == mixed.response_ids
+
+
 def test_default_seeds_follow_sampling_seed(make_model):
     eng = engine(make_model())
     prompts = random_prompts([3, 5], seed=2)

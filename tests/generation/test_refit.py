@@ -66,11 +66,21 @@ def test_own_copy_refit_in_place(make_model, precision):
 
 
 def test_refit_rejects_another_architecture(make_model):
+    # The first source is freed right away: a new model may reuse its id().
     eng = MegatronEngine.with_own_weights(LLAMA, make_model(), vocab_size=VOCAB)
     with pytest.raises(GenerationError, match="build the engine at the training tensor_model_parallel_size"):
         eng.refit(make_model(dict(LLAMA, ffn_hidden_size=96)))
     with pytest.raises(GenerationError, match="has no parameter 'decoder.layers.1"):
         eng.refit(make_model(dict(LLAMA, num_layers=1)))
+
+
+def test_refit_from_a_new_model_object_pairs_again(make_model):
+    eng = MegatronEngine.with_own_weights(LLAMA, make_model(seed=1), vocab_size=VOCAB)
+    for seed in (2, 3, 4):  # each source is freed before the next is built
+        eng.refit(make_model(seed=seed))
+    expected = make_model(seed=4)
+    for p, q in zip(eng.model.parameters(), expected.parameters()):
+        assert torch.equal(p, q)
 
 
 def test_free_releases_the_engine(make_model):

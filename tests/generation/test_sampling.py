@@ -7,33 +7,42 @@ import torch
 
 from nemo_aligner.generation import SamplingParams
 from nemo_aligner.generation.sampling import (
+    candidates,
     choose_next_tokens,
-    filter_top_k,
-    filter_top_p,
     inverse_cdf_sample,
     mask_end_tokens,
+    nucleus,
 )
 
 INF = float("-inf")
 
 
-def test_top_k_keeps_the_k_largest():
+def test_top_k_candidates_are_the_k_largest_sorted():
     z = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
-    assert filter_top_k(z, 2).tolist() == [[INF, 4.0, 3.0, INF]]
-    assert torch.equal(filter_top_k(z, 0), z) and torch.equal(filter_top_k(z, 9), z)
+    values, ids = candidates(z, 2, 1.0)
+    assert values.tolist() == [[4.0, 3.0]] and ids.tolist() == [[1, 2]]
+    values, ids = candidates(z, 0, 1.0)  # no filter: the vocabulary in id order
+    assert ids is None and torch.equal(values, z)
+    assert candidates(z, 9, 1.0)[1] is None
 
 
-def test_top_p_keeps_the_smallest_set_reaching_p():
-    probs = torch.tensor([[0.5, 0.1, 0.3, 0.1]])
-    z = probs.log()
-    # Sorted: 0.5, 0.3, 0.1, 0.1. Mass before each: 0, 0.5, 0.8, 0.9.
-    kept = lambda p: (filter_top_p(z, p) > INF).tolist()[0]  # noqa: E731
+def test_nucleus_keeps_the_smallest_prefix_reaching_p():
+    sorted_z = torch.tensor([[0.5, 0.3, 0.1, 0.1]]).log()  # mass before each: 0, 0.5, 0.8, 0.9
+    kept = lambda p: (nucleus(sorted_z, p) > INF).tolist()[0]  # noqa: E731
     assert kept(0.5) == [True, False, False, False]
-    assert kept(0.6) == [True, False, True, False]
-    three = kept(0.85)  # 0.5 + 0.3 < 0.85: one of the two tied 0.1 tokens joins
-    assert three[0] and three[2] and sum(three) == 3
+    assert kept(0.6) == [True, True, False, False]
+    assert kept(0.85) == [True, True, True, False]
     assert kept(1.0) == [True] * 4
     assert kept(0.01) == [True, False, False, False]  # the most probable token always stays
+
+
+def test_top_p_without_top_k_sorts_the_vocabulary():
+    z = torch.tensor([[0.1, 0.6, 0.3]]).log()
+    values, ids = candidates(z, 0, 0.7)
+    assert ids.tolist() == [[1, 2, 0]]
+    assert (values > INF).tolist() == [[True, True, False]]
+    values, ids = candidates(z, 2, 0.5)  # top-k first, then top-p among the two
+    assert ids.tolist() == [[1, 2]] and (values > INF).tolist() == [[True, False]]
 
 
 def test_inverse_cdf_picks_the_interval_holding_u():
@@ -88,3 +97,14 @@ def test_greedy_respects_min_length_ban():
     assert tok.tolist() == [2, 1]
     torch.testing.assert_close(lp, torch.log_softmax(logits, -1)[[0, 1], [2, 1]])
     assert slp.tolist() == [0.0, 0.0]
+
+
+def test_filtered_sampling_follows_the_renormalized_distribution():
+    probs = torch.tensor([0.1, 0.6, 0.3])
+    logits = probs.log().repeat(4000, 1)
+    gens = [torch.Generator().manual_seed(i) for i in range(4000)]
+    tokens, logprobs, sampling_logprobs = choose_next_tokens(logits, SamplingParams(top_k=2), gens)
+    freq = torch.bincount(tokens, minlength=3).float() / 4000
+    assert freq[0] == 0 and torch.allclose(freq[1:], torch.tensor([0.6, 0.3]) / 0.9, atol=0.03)
+    torch.testing.assert_close(sampling_logprobs, (probs[tokens] / 0.9).log())
+    torch.testing.assert_close(logprobs, probs.log()[tokens])
