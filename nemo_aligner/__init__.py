@@ -13,3 +13,41 @@ for _pattern in (
     "The .grad attribute of a Tensor that is not a leaf Tensor",
 ):
     _warnings.filterwarnings("ignore", message=f".*{_pattern}.*", category=UserWarning)
+
+
+def _import_megatron_core() -> None:
+    """Import Megatron-Core with ``torch.compile`` deferred to first call.
+
+    Megatron wraps its fused kernels in ``torch.compile`` at import time; the wrapper alone
+    imports TorchDynamo and Inductor, about 2 s of every process's start-up (every
+    ``torchrun`` rank, every entry point). ``torch.compile`` compiles on the first call
+    anyway, so wrapping on first call instead changes nothing else; on CPU those kernels
+    are never called (the fusions are GPU-only in our configs).
+    """
+    import functools
+
+    import torch
+
+    compile_now = torch.compile
+
+    def compile_on_first_call(fn=None, **kwargs):
+        if fn is None:
+            return lambda f: compile_on_first_call(f, **kwargs)
+        compiled = []
+
+        @functools.wraps(fn)
+        def call(*args, **kw):
+            if not compiled:
+                compiled.append(compile_now(fn, **kwargs))
+            return compiled[0](*args, **kw)
+
+        return call
+
+    torch.compile = compile_on_first_call
+    try:
+        import megatron.core  # noqa: F401
+    finally:
+        torch.compile = compile_now
+
+
+_import_megatron_core()
