@@ -78,8 +78,8 @@ def test_dpo_matches_single_process(layout, data, dpo_reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_dpo_swap_reference_at_tp2_pp2_dp2_matches_precompute(data, dpo_reference, tmp_path):
-    got = metrics(DPO_SCRIPT, "dpo", tmp_path, 8, 2, 2, f"model.data.data_prefix.train={data}/preference_train.jsonl",
+def test_dpo_swap_reference_at_tp2_pp2_matches_precompute(data, dpo_reference, tmp_path):
+    got = metrics(DPO_SCRIPT, "dpo", tmp_path, 4, 2, 2, f"model.data.data_prefix.train={data}/preference_train.jsonl",
                   "model.dpo.ref_logprobs=swap")
     assert_same(got, dpo_reference, DPO_KEYS)
 
