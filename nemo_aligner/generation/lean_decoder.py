@@ -248,30 +248,12 @@ class LeanDecoder:
         end = start + s
         self.keys[index][:, :, start:end] = qk[:, :, :, per].transpose(1, 2)
         self.values[index][:, :, start:end] = qkv[:, :, :, per + 1].transpose(1, 2)
-        keys, values = self.keys[index][:, :, :end], self.values[index][:, :, :end]
-        if s == 1:
-            out = self._step_attention(layer, q, keys, values, mask)
-        else:
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, is_causal=causal, scale=layer.scale,
-                enable_gqa=layer.heads != g,
-            )
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, self.keys[index][:, :, :end], self.values[index][:, :, :end],
+            attn_mask=mask, is_causal=causal, scale=layer.scale,
+            enable_gqa=layer.heads != g,
+        )
         return layer.proj(out.transpose(1, 2).reshape(b, s, layer.heads * d))
-
-    @staticmethod
-    def _step_attention(layer, q, keys, values, mask):
-        """Attention of one new query per row, as two batched products per query group.
-
-        SDPA's CPU kernel is built for long queries: for a single one it costs about 0.3 ms
-        a call at batch 16, several times these two products and a softmax."""
-        b, _, _, d = q.shape
-        g = layer.groups
-        q = q.reshape(b, g, layer.heads // g, d)  # a group's query heads share its key/value
-        scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(layer.scale)  # [b, g, per, slots]
-        if mask is not None:
-            scores.masked_fill_(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
-        return torch.matmul(probs, values).reshape(b, layer.heads, 1, d)
 
     def _mlp(self, layer, y):
         h = layer.fc1(y)

@@ -97,14 +97,16 @@ class SDPACoreAttention(MegatronModule):
         cu_k = packed_seq_params.cu_seqlens_kv.tolist()
         if cu_q != cu_k:
             raise ValueError("packed attention needs identical query and key boundaries")
+        # One split per tensor, not a slice per sequence: a slice's backward allocates a
+        # zero gradient of the whole packed tensor, so slicing n sequences cost n full-size
+        # zero-fills and adds per layer; split's backward is a single concatenation.
+        lengths = [end - start for start, end in zip(cu_q[:-1], cu_q[1:])]
         pieces = []
-        for start, end in zip(cu_q[:-1], cu_q[1:]):
-            if end == start:
+        for q, k, v in zip(*(x.split(lengths) for x in (query, key, value))):
+            if q.shape[0] == 0:
                 continue
             # [len, h, d] -> [1, h, len, d]
-            q = query[start:end].transpose(0, 1).unsqueeze(0)
-            k = key[start:end].transpose(0, 1).unsqueeze(0)
-            v = value[start:end].transpose(0, 1).unsqueeze(0)
+            q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
             pieces.append(self._sdpa(q, k, v, is_causal=True)[0].transpose(0, 1))
         out = torch.cat(pieces, dim=0)
         return out.reshape(query.shape[0], self.heads * self.head_dim)
