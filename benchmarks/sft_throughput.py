@@ -264,7 +264,6 @@ def categorize(name):
 
 
 def profile_step(trainer, step_batch, top=15):
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     t0 = time.perf_counter()

@@ -130,18 +130,25 @@ def _dpo_loss(logits, batch, s: DPOSettings):
     with torch.no_grad():
         reward_c = s.beta * (pol_c - ref_c) if ref_c is not None else s.beta * pol_c
         reward_r = s.beta * (pol_r - ref_r) if ref_r is not None else s.beta * pol_r
-        masked = lambda x: torch.where(real, x, zero).sum()  # noqa: E731
-        metrics = {
-            "loss_sum": loss_sum.detach(),
-            "preference_loss_sum": masked(pref),
-            "sft_loss_sum": masked(sft),
-            "acc_sum": masked((reward_c > reward_r).to(zero.dtype)),
-            "rewards_chosen_sum": masked(reward_c),
-            "rewards_rejected_sum": masked(reward_r),
-            "rewards_sq_sum": masked(reward_c**2 + reward_r**2),
-            "num_pairs": real.sum(),
-        }
+        metrics = pair_metric_sums(real, loss_sum, pref, sft, reward_c, reward_r)
     return loss_sum, real.sum().int(), metrics
+
+
+def pair_metric_sums(real, loss_sum, preference_loss, sft_loss, reward_c, reward_r) -> dict:
+    """A micro-batch's sums for :func:`pair_metrics` over the real pairs (``real`` [P] bool;
+    the per-pair tensors are [P]); ``loss_sum`` is already summed."""
+    zero = torch.zeros_like(reward_c)
+    masked = lambda x: torch.where(real, x, zero).sum()  # noqa: E731
+    return {
+        "loss_sum": loss_sum.detach(),
+        "preference_loss_sum": masked(preference_loss),
+        "sft_loss_sum": masked(sft_loss),
+        "acc_sum": masked((reward_c > reward_r).to(zero.dtype)),
+        "rewards_chosen_sum": masked(reward_c),
+        "rewards_rejected_sum": masked(reward_r),
+        "rewards_sq_sum": masked(reward_c**2 + reward_r**2),
+        "num_pairs": real.sum(),
+    }
 
 
 def pair_metrics(sums: dict) -> dict:
@@ -325,7 +332,7 @@ def _build(cfg, trainer_cls, settings, make_dataset):
         checkpoint_manager=setup.checkpoint_manager(cfg), model_cfg_to_save=model_cfg,
         tokenizer_dir=tokenizer_src, settings=settings, reference=reference,
     )
-    return group_data.finish_build(cfg, trainer, model_cfg, model)
+    return setup.finish_build(cfg, trainer, model_cfg, model)
 
 
 def build_dpo_trainer(cfg) -> DPOTrainer:

@@ -1,6 +1,5 @@
 """Builder pieces shared by the trainers whose data are groups of sequences (DPO, KTO,
-reward models): data settings, packing, step loaders, and the common tail of a build
-(optimizer, resume, metrics)."""
+reward models): data settings, packing and step loaders."""
 
 from functools import partial
 
@@ -98,18 +97,3 @@ def group_loaders(cfg, model_cfg, train_ds, val_ds, pad_id: int):
     train = loader(train_ds, bool(data.get("shuffle", True)), bool(data.get("drop_last", True)))
     val = loader(val_ds, False, False) if val_ds is not None else None
     return train, val, collate
-
-
-def finish_build(cfg, trainer, model_cfg, model):
-    """Optimizer and LR schedule, resume from the latest checkpoint, metrics logger."""
-    from nemo_aligner.utils.logging import MetricsLogger
-
-    trainer.optimizer, trainer.scheduler = setup.build_optimization(
-        cfg, model_cfg, model, trainer.algo, trainer.max_steps
-    )
-    if cfg_get(cfg, "exp_manager.resume_if_exists", True):
-        latest = trainer.checkpoint_manager.latest()
-        if latest is not None:
-            trainer.restore(latest)
-    trainer.metrics_logger = MetricsLogger(setup.log_dir(cfg))
-    return trainer

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nemo_aligner.algorithms.dpo import pair_metrics
+from nemo_aligner.algorithms.dpo import pair_metric_sums, pair_metrics
 from nemo_aligner.algorithms.trainer import BaseTrainer
 from nemo_aligner.losses.reward import PAIRWISE_LOSSES, pairwise_reward_loss, regression_loss
 from nemo_aligner.models.forward import forward_batch
@@ -50,17 +50,7 @@ def _ranking_loss(token_rewards, batch, s: RMSettings):
     zero = torch.zeros_like(per_pair)
     loss_sum = torch.where(real, per_pair, zero).sum()
     with torch.no_grad():
-        masked = lambda x: torch.where(real, x, zero).sum()  # noqa: E731
-        metrics = {
-            "loss_sum": loss_sum.detach(),
-            "preference_loss_sum": loss_sum.detach(),
-            "sft_loss_sum": zero.sum(),
-            "acc_sum": masked((r_c > r_r).to(zero.dtype)),
-            "rewards_chosen_sum": masked(r_c),
-            "rewards_rejected_sum": masked(r_r),
-            "rewards_sq_sum": masked(r_c**2 + r_r**2),
-            "num_pairs": real.sum(),
-        }
+        metrics = pair_metric_sums(real, loss_sum, per_pair, zero, r_c, r_r)
     return loss_sum, real.sum().int(), metrics
 
 
@@ -163,4 +153,4 @@ def build_rm_trainer(cfg) -> RewardModelTrainer:
         checkpoint_manager=setup.checkpoint_manager(cfg), model_cfg_to_save=model_cfg,
         tokenizer_dir=tokenizer_src, settings=settings,
     )
-    return group_data.finish_build(cfg, trainer, model_cfg, model)
+    return setup.finish_build(cfg, trainer, model_cfg, model)

@@ -83,7 +83,6 @@ def build_sft_trainer(cfg) -> SupervisedTrainer:
     from nemo_aligner.data.loader import StepLoader
     from nemo_aligner.data.samplers import MegatronBatchSampler
     from nemo_aligner.utils import setup
-    from nemo_aligner.utils.logging import MetricsLogger
 
     setup.init_distributed(cfg)
     model_cfg = setup.resolve_model_cfg(cfg)
@@ -110,12 +109,4 @@ def build_sft_trainer(cfg) -> SupervisedTrainer:
         checkpoint_manager=setup.checkpoint_manager(cfg),
         model_cfg_to_save=model_cfg, tokenizer_dir=tokenizer_src,
     )
-    trainer.optimizer, trainer.scheduler = setup.build_optimization(
-        cfg, model_cfg, model, trainer.algo, trainer.max_steps
-    )
-    if cfg_get(cfg, "exp_manager.resume_if_exists", True):
-        latest = trainer.checkpoint_manager.latest()
-        if latest is not None:
-            trainer.restore(latest)
-    trainer.metrics_logger = MetricsLogger(setup.log_dir(cfg))
-    return trainer
+    return setup.finish_build(cfg, trainer, model_cfg, model)

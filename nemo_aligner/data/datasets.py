@@ -6,6 +6,8 @@ fails before it writes anything.
 """
 
 import json
+import os
+from pathlib import Path
 
 import torch
 
@@ -13,7 +15,7 @@ from nemo_aligner.data.errors import DataError
 from nemo_aligner.data.templates import DEFAULT_PROMPT_TEMPLATE, check_prompt_template, render_chat_segments, render_prompt
 from nemo_aligner.data.tokenizers import Tokenizer
 
-__all__ = ["DataError", "read_jsonl", "SFTDataset", "sft_collate", "make_padding_sample"]
+__all__ = ["DataError", "read_jsonl", "write_jsonl", "SFTDataset", "sft_collate", "make_padding_sample"]
 
 TRUNCATION_POLICIES = ("error", "truncate", "drop")
 _SFT_FIELDS_HINT = "SFT lines need 'input' and 'output', or 'conversations'"
@@ -49,6 +51,29 @@ def read_jsonl(path: str) -> list[tuple[int, dict]]:
     if not samples:
         raise DataError(f"{path}:1: file has no samples (it is empty or blank); point the data path at a JSONL file with one JSON object per line")
     return samples
+
+
+def check_tokenization_options(tokenizer: Tokenizer, truncation: str, add_bos: bool, add_eos: bool) -> None:
+    """Raise ``ValueError`` naming the fix for a truncation policy or BOS/EOS setting that
+    cannot work with ``tokenizer``."""
+    if truncation not in TRUNCATION_POLICIES:
+        raise ValueError(f"truncation={truncation!r}; use one of {TRUNCATION_POLICIES}")
+    if add_bos and tokenizer.bos_id is None:
+        raise ValueError("add_bos=True but the tokenizer has no BOS token; set add_bos=False")
+    if add_eos and tokenizer.eos_id is None:
+        raise ValueError("add_eos=True but the tokenizer has no EOS token; set add_eos=False")
+
+
+def write_jsonl(path, records) -> None:
+    """Write ``records`` (dicts) to ``path``, one JSON object a line, atomically: a reader
+    sees the old file or the whole new one, never a partial one. Creates parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
 
 
 def is_chat_sample(sample: dict) -> bool:
@@ -97,12 +122,7 @@ class SFTDataset(torch.utils.data.Dataset):
         add_bos: bool = False,
         add_eos: bool = True,
     ):
-        if truncation not in TRUNCATION_POLICIES:
-            raise ValueError(f"truncation={truncation!r}; use one of {TRUNCATION_POLICIES}")
-        if add_bos and tokenizer.bos_id is None:
-            raise ValueError("add_bos=True but the tokenizer has no BOS token; set add_bos=False")
-        if add_eos and tokenizer.eos_id is None:
-            raise ValueError("add_eos=True but the tokenizer has no EOS token; set add_eos=False")
+        check_tokenization_options(tokenizer, truncation, add_bos, add_eos)
         check_prompt_template(prompt_template)
         self.path = str(path)
         self.max_seq_length = max_seq_length

@@ -36,7 +36,7 @@ import copy
 
 import torch
 
-from nemo_aligner.data.datasets import TRUNCATION_POLICIES, read_jsonl, sft_collate
+from nemo_aligner.data.datasets import check_tokenization_options, read_jsonl, sft_collate
 from nemo_aligner.data.errors import DataError
 from nemo_aligner.data.packing import PackedDataset
 from nemo_aligner.data.templates import render_chat_segments
@@ -117,12 +117,7 @@ class _Tokenized:
 
     def __init__(self, path, tokenizer: Tokenizer, max_seq_length: int, truncation: str,
                  add_bos: bool, add_eos: bool, shift: bool):
-        if truncation not in TRUNCATION_POLICIES:
-            raise ValueError(f"truncation={truncation!r}; use one of {TRUNCATION_POLICIES}")
-        if add_bos and tokenizer.bos_id is None:
-            raise ValueError("add_bos=True but the tokenizer has no BOS token; set add_bos=False")
-        if add_eos and tokenizer.eos_id is None:
-            raise ValueError("add_eos=True but the tokenizer has no EOS token; set add_eos=False")
+        check_tokenization_options(tokenizer, truncation, add_bos, add_eos)
         self.path = str(path)
         self.tokenizer = tokenizer
         self.max_seq_length = int(max_seq_length)

@@ -9,15 +9,11 @@ Every check on the input happens before anything is written; the output file is 
 to a temporary name next to it and renamed into place at the end.
 """
 
-import json
-import os
-from pathlib import Path
-
 import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
-from nemo_aligner.data.datasets import read_jsonl
+from nemo_aligner.data.datasets import read_jsonl, write_jsonl
 from nemo_aligner.data.errors import DataError
 from nemo_aligner.generation.engine import SamplingParams
 from nemo_aligner.utils import distributed
@@ -110,16 +106,6 @@ def build_engine(cfg, model, model_cfg, tokenizer):
     )
 
 
-def write_jsonl_atomically(path, records) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def generate_jsonl(cfg) -> int:
     """Run the whole job; returns the number of lines written (on every rank)."""
     from nemo_aligner.utils.setup import build_tokenizer
@@ -160,6 +146,6 @@ def generate_jsonl(cfg) -> int:
         results = {k: v for part in gathered for k, v in part.items()}
     if distributed.is_global_rank_zero():
         records = [dict(obj, response=results[i][0], response_ids=results[i][1]) for i, (_, obj) in enumerate(lines)]
-        write_jsonl_atomically(output_file, records)
+        write_jsonl(output_file, records)
     distributed.barrier()
     return len(lines)

@@ -18,7 +18,6 @@ Config (NeMo conventions)::
 Gradient clipping comes from ``trainer.<algo>.gradient_clip_val``.
 """
 
-import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer

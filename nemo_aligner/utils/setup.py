@@ -175,3 +175,18 @@ def model_from_checkpoint(path):
     model = build_gpt_model(model_cfg, int(model_cfg["vocab_size"]), initialize=False)
     load_checkpoint(path, [model])
     return model
+
+
+def finish_build(cfg, trainer, model_cfg, model):
+    """Optimizer and LR schedule, resume from the latest checkpoint, metrics logger."""
+    from nemo_aligner.utils.logging import MetricsLogger
+
+    trainer.optimizer, trainer.scheduler = build_optimization(
+        cfg, model_cfg, model, trainer.algo, trainer.max_steps
+    )
+    if cfg_get(cfg, "exp_manager.resume_if_exists", True):
+        latest = trainer.checkpoint_manager.latest()
+        if latest is not None:
+            trainer.restore(latest)
+    trainer.metrics_logger = MetricsLogger(log_dir(cfg))
+    return trainer

@@ -57,7 +57,7 @@ def test_pair_layout_shifted_with_mask_on_response_and_eos(tmp_path):
     ds = PreferenceDataset(write(tmp_path / "p.jsonl", [pair()]), TOK, 16)
     item = ds[0]
     chosen, rejected = item["sequences"]
-    full_c, full_r = ids("Q:ab") + [2], ids("Q:c") + [2]
+    full_c = ids("Q:ab") + [2]
     assert chosen["tokens"].tolist() == full_c[:-1] and chosen["labels"].tolist() == full_c[1:]
     assert chosen["loss_mask"].tolist() == [0, 1, 1, 1]  # labels 'a', 'b', eos
     assert rejected["loss_mask"].tolist() == [0, 1, 1]

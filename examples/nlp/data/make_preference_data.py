@@ -23,9 +23,10 @@ Validation prompts never appear in the training file.
 """
 
 import argparse
-import json
 import os
 import random
+
+from nemo_aligner.data.datasets import write_jsonl
 
 WORDS = (
     "apple banana cherry grape lemon mango peach plum "
@@ -77,12 +78,6 @@ def to_regression(pairs: list[dict], rng: random.Random) -> list[dict]:
             count = float(len(response.split())) if rng.random() >= 0.25 else -100.0
             lines.append({"text": p["prompt"] + response, "label": [follows, count]})
     return lines
-
-
-def write_jsonl(path: str, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
 
 
 def main(argv=None) -> None:

@@ -22,6 +22,7 @@ import random
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from nemo_aligner.data.datasets import write_jsonl
 from nemo_aligner.data.templates import CHAT_MARKERS, render_chat_segments
 
 WORDS = (
@@ -96,12 +97,6 @@ def train_tokenizer(texts: list[str]) -> tokenizers.Tokenizer:
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
-
-
-def write_jsonl(path: str, samples: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for sample in samples:
-            f.write(json.dumps(sample) + "\n")
 
 
 def main(argv=None) -> None:

@@ -11,7 +11,6 @@ temporary file and renamed into place. The raw rewards' mean and standard deviat
 printed (what ``model.reward_standardization`` would need to center them).
 """
 
-import json
 import os
 import sys
 
@@ -75,20 +74,18 @@ def score(cfg) -> None:
 
 
 def write_scores(path, dataset, rewards) -> None:
-    values = [row[0] if len(row) == 1 else row for row in rewards.tolist()]
-    tmp = f"{path}.tmp-{os.getpid()}"
-    k = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line, kind in zip(dataset.lines, dataset.kinds):
-            out = dict(line)
-            if kind == "pair":
-                out["reward_chosen"], out["reward_rejected"] = values[k], values[k + 1]
-                k += 2
-            else:
-                out["reward"] = values[k]
-                k += 1
-            f.write(json.dumps(out) + "\n")
-    os.replace(tmp, path)
+    from nemo_aligner.data.datasets import write_jsonl
+
+    values = iter(row[0] if len(row) == 1 else row for row in rewards.tolist())
+    records = []
+    for line, kind in zip(dataset.lines, dataset.kinds):
+        out = dict(line)
+        if kind == "pair":
+            out["reward_chosen"], out["reward_rejected"] = next(values), next(values)
+        else:
+            out["reward"] = next(values)
+        records.append(out)
+    write_jsonl(path, records)
 
 
 @hydra.main(config_path="../../../conf", config_name="score_reward_model", version_base="1.3")
