@@ -1,4 +1,5 @@
-"""Helpers for tests: run the real entry points as subprocesses (python or torchrun)."""
+"""Helpers for tests: run the real entry points as subprocesses (python or torchrun); a
+character-level tokenizer for data tests."""
 
 import json
 import os
@@ -6,6 +7,8 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from nemo_aligner.data.tokenizers import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT_SCRIPT = ROOT / "examples/nlp/gpt/train_gpt_sft.py"
@@ -49,3 +52,19 @@ def run(script, args, nproc: int = 1, timeout: int = 600, check: bool = True):
 def read_metrics(log_dir) -> list[dict]:
     with open(Path(log_dir) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f]
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character (``ord(c) + 3``); pad=0, bos=1, eos=2."""
+
+    bos_id, eos_id, _pad_id = 1, 2, 0
+
+    def text_to_ids(self, text):
+        return [ord(c) + 3 for c in text]
+
+    def _decode(self, ids):
+        return "".join(chr(i - 3) for i in ids)
+
+    @property
+    def vocab_size(self):
+        return 256 + 3

@@ -5,24 +5,8 @@ import pytest
 import torch
 
 from nemo_aligner.data.datasets import DataError, SFTDataset, make_padding_sample, read_jsonl, sft_collate
-from nemo_aligner.data.tokenizers import Tokenizer
 
-
-class CharTokenizer(Tokenizer):
-    """One id per character (``ord(c) + 3``); pad=0, bos=1, eos=2."""
-
-    bos_id, eos_id, _pad_id = 1, 2, 0
-
-    def text_to_ids(self, text):
-        return [ord(c) + 3 for c in text]
-
-    def _decode(self, ids):
-        return "".join(chr(i - 3) for i in ids)
-
-    @property
-    def vocab_size(self):
-        return 256 + 3
-
+from helpers import CharTokenizer
 
 TOK = CharTokenizer()
 
