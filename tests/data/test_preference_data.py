@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from nemo_aligner.data.datasets import SFTDataset
 from nemo_aligner.data.errors import DataError
 from nemo_aligner.data.preference import (
     KTODataset,
@@ -224,3 +225,20 @@ def test_message_prompts_use_the_tokenizers_hf_chat_template(tmp_path):
     n_prompt = len(tok.text_to_ids(prompt_text))
     assert chosen["loss_mask"].tolist() == [0] * (n_prompt - 1) + [1] * (len(ids_full) - n_prompt)
     assert tok.ids_to_text(ids_full[n_prompt:]) == "owl owl<|im_end|>\n"
+
+
+class NoSpecialTokens(CharTokenizer):
+    bos_id = eos_id = None
+
+
+@pytest.mark.parametrize("dataset", ["sft", "preference"])
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"truncation": "cut", "add_eos": False}, r"truncation='cut'; use one of \('error', 'truncate', 'drop'\)"),
+    ({"add_bos": True, "add_eos": False}, "add_bos=True but the tokenizer has no BOS token; set add_bos=False"),
+    ({"add_eos": True}, "add_eos=True but the tokenizer has no EOS token; set add_eos=False"),
+])
+def test_tokenization_options_are_checked_before_reading(dataset, kwargs, needle, tmp_path):
+    cls = SFTDataset if dataset == "sft" else PreferenceDataset
+    missing = tmp_path / "never_read.jsonl"  # the options are checked before the file is opened
+    with pytest.raises(ValueError, match=needle):
+        cls(missing, NoSpecialTokens(), 16, **kwargs)
