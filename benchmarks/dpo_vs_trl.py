@@ -8,8 +8,10 @@ the same optimizer settings. TRL runs in float32 without gradient checkpointing,
 (``--trl-defaults`` keeps TRL's bf16 autocast and checkpointing), otherwise as it comes: a
 reference forward every step, chosen and rejected padded to the longest sequence of the
 batch, ``--batch-size`` pairs per step. Ours runs twice: unpacked with the same batch (``global_batch_size`` pairs), and
-packed (``--pack-size`` tokens per pack, one pack per step), both with the reference
-log-probs precomputed once before training; that pass is included in our time.
+packed (``--pack-size`` tokens per pack, one pack per step, each pair's prompt computed
+once: ``model.data.packing.share_prompt``), both with the reference log-probs precomputed
+once before training; that pass is included in our time. ``ours-packed-unshared`` (not run
+by default) packs without sharing prompts.
 
 Each side runs in its own process, so peak memory is per side: ``peak_rss`` is the process's
 peak resident set size (``getrusage``), ``peak_rss_growth`` that minus the RSS once the
@@ -138,7 +140,7 @@ def run_trl(args) -> None:
     report("trl", seconds, cpu_seconds, len(data), out.global_step, baseline, {"train_loss": out.training_loss})
 
 
-def run_ours(args, packed: bool) -> None:
+def run_ours(args, packed: bool, share_prompt: bool = True) -> None:
     from omegaconf import OmegaConf
 
     import nemo_aligner.algorithms.dpo as dpo
@@ -167,7 +169,8 @@ def run_ours(args, packed: bool) -> None:
     ]
     if packed:
         overrides += ["model.data.packing.enabled=true", f"model.data.packing.pack_size={args.pack_size}",
-                      "model.data.packing.algorithm=first_fit_shuffle", "model.global_batch_size=1", "model.micro_batch_size=1"]
+                      "model.data.packing.algorithm=first_fit_shuffle", "model.global_batch_size=1", "model.micro_batch_size=1",
+                      f"model.data.packing.share_prompt={str(share_prompt).lower()}"]
     else:
         overrides += [f"model.global_batch_size={args.batch_size}", f"model.micro_batch_size={args.batch_size}"]
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
@@ -180,7 +183,7 @@ def run_ours(args, packed: bool) -> None:
     base = trainer.train_loader.dataset
     pairs = len(getattr(base, "dataset", base))
     tokens = sum(getattr(base, "dataset", base).lengths)
-    report("ours-packed" if packed else "ours", seconds, cpu_seconds, pairs, trainer.step, baseline,
+    report(args.side, seconds, cpu_seconds, pairs, trainer.step, baseline,
            {"train_loss_last_step": metrics.get("train/loss"), "precompute_seconds": timed["precompute"],
             "tokens": tokens})
 
@@ -195,7 +198,8 @@ def main() -> None:
     parser.add_argument("--pack-size", type=int, default=2048, help="tokens per pack (ours, packed)")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sides", default="trl,ours,ours-packed")
+    parser.add_argument("--sides", default="trl,ours,ours-packed",
+                        help="any of trl, ours, ours-packed, ours-packed-unshared (packed, each pair's prompt computed twice)")
     parser.add_argument("--trl-defaults", action="store_true", help="TRL with its own bf16 / gradient-checkpointing defaults")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -207,7 +211,7 @@ def main() -> None:
         if args.side == "trl":
             run_trl(args)
         else:
-            run_ours(args, packed=args.side == "ours-packed")
+            run_ours(args, packed=args.side.startswith("ours-packed"), share_prompt=args.side != "ours-packed-unshared")
         return
 
     from transformers import PreTrainedTokenizerFast

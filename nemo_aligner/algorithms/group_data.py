@@ -64,18 +64,34 @@ def maybe_pack(cfg, dataset, max_seq_length: int, use_packed_file: bool = True, 
             f"model.data.packing.pack_size={pack_size} is less than twice max_seq_length ({max_seq_length}); "
             f"a pair may not fit: set pack_size >= {2 * max_seq_length}"
         )
+    share = share_prompt(cfg)
     if packing.get("packed_file") and use_packed_file:
-        packed = PackedGroupDataset.from_file(dataset, packing["packed_file"])
+        packed = PackedGroupDataset.from_file(dataset, packing["packed_file"], share_prefix=share)
     else:
         packed = PackedGroupDataset(
             dataset, pack_size, algorithm=packing.get("algorithm", "first_fit_shuffle"),
-            seed=int(cfg_get(cfg, "seed", 1234)),
+            seed=int(cfg_get(cfg, "seed", 1234)), share_prefix=share,
         )
+    saved = sum(dataset.lengths) - sum(packed.lengths)
     get_logger().info(
         f"packed {len(dataset)} samples into {len(packed)} packs of {packed.pack_size} tokens "
-        f"(efficiency {packed.packing_efficiency:.3f})"
+        f"(efficiency {packed.packing_efficiency:.3f}; shared prompts save {saved} of {sum(dataset.lengths)} tokens)"
     )
     return packed
+
+
+def share_prompt(cfg) -> bool:
+    """``model.data.packing.share_prompt`` (default true): a pair's prompt computed once per
+    pack. It needs this package's packed attention, so it is off (with a log line) where the
+    layer spec is Transformer Engine's."""
+    if not bool(cfg_get(cfg, "model.data.packing.share_prompt", True)):
+        return False
+    from nemo_aligner.models.gpt import _use_transformer_engine
+
+    if _use_transformer_engine():
+        get_logger().info("model.data.packing.share_prompt is off: Transformer Engine attention cannot share a prompt")
+        return False
+    return True
 
 
 def group_loaders(cfg, model_cfg, train_ds, val_ds, pad_id: int):

@@ -192,6 +192,12 @@ def sft_collate(samples: list[dict], pad_id: int, pad_to_multiple_of: int = 1, p
     batch (``b * s`` tokens): every packed sample is a segment, and so is each row's padding
     tail; ``cu_seqlens[0] = 0`` and ``cu_seqlens[-1] = b * s``. ``max_seqlen`` is the longest
     segment. Mixing packed and unpacked samples is an error.
+
+    Packed samples may also carry ``prefix_lens`` (one per segment, as ``seq_lens``): a
+    segment with ``prefix_lens = L > 0`` continues the first ``L`` tokens of the segment
+    before it in its row (a shared prompt, see
+    :class:`~nemo_aligner.data.preference.PackedGroupDataset`). The batch then has
+    ``prefix_lens``, one int per ``cu_seqlens`` segment (0 for padding tails).
     """
     lengths = [len(x["tokens"]) for x in samples]
     seq_len = max(lengths)
@@ -212,15 +218,24 @@ def sft_collate(samples: list[dict], pad_id: int, pad_to_multiple_of: int = 1, p
     if any(packed):
         if not all(packed):
             raise ValueError("cannot collate packed and unpacked samples together")
-        boundaries = [0]
+        boundaries, prefixes = [0], []
+        shared = any("prefix_lens" in x for x in samples)
         for row, (x, n) in enumerate(zip(samples, lengths)):
-            for seg_len in x["seq_lens"].tolist():
+            seg_lens = x["seq_lens"].tolist()
+            row_prefixes = x["prefix_lens"].tolist() if "prefix_lens" in x else [0] * len(seg_lens)
+            for k, (seg_len, prefix) in enumerate(zip(seg_lens, row_prefixes)):
+                if prefix and (k == 0 or prefix > seg_lens[k - 1]):
+                    raise ValueError(f"packed segment {k} of row {row} continues {prefix} tokens of a previous segment it does not have")
                 boundaries.append(boundaries[-1] + seg_len)
+                prefixes.append(prefix)
             if n < seq_len:
                 boundaries.append((row + 1) * seq_len)
+                prefixes.append(0)
         cu_seqlens = torch.tensor(boundaries, dtype=torch.int32)
         batch["cu_seqlens"] = cu_seqlens
         batch["max_seqlen"] = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        if shared:
+            batch["prefix_lens"] = torch.tensor(prefixes, dtype=torch.int32)
     return batch
 
 

@@ -79,47 +79,56 @@ class PackedDataset(torch.utils.data.Dataset):
 
     packing_script = "prepare_packed_sft_dataset.py"  # named in the error of a stale packs file
 
-    def __init__(self, dataset, pack_size: int, algorithm: str = "first_fit_shuffle", seed: int = 1234, bins=None):
+    def __init__(self, dataset, pack_size: int, algorithm: str = "first_fit_shuffle", seed: int = 1234, bins=None,
+                 check_bins: bool = True):
+        self.dataset = dataset
+        self.lengths = self.item_lengths(dataset)
         if bins is None:
             if algorithm == "first_fit_decreasing":
-                bins = first_fit_decreasing(dataset.lengths, pack_size)
+                bins = first_fit_decreasing(self.lengths, pack_size)
             elif algorithm == "first_fit_shuffle":
-                bins = first_fit_shuffle(dataset.lengths, pack_size, seed)
+                bins = first_fit_shuffle(self.lengths, pack_size, seed)
             else:
                 raise ValueError(f"packing algorithm {algorithm!r} is unknown; use one of {PACKING_ALGORITHMS}")
-        self.dataset = dataset
         self.pack_size = pack_size
         self.bins = [list(map(int, b)) for b in bins]
-        self._check_bins()
-        self.packing_efficiency = sum(dataset.lengths) / (len(self.bins) * pack_size)
+        if check_bins:
+            self._check_bins()
+        self.packing_efficiency = sum(self.lengths) / (len(self.bins) * pack_size)
+
+    def item_lengths(self, dataset) -> list[int]:
+        """Tokens each sample takes in a pack."""
+        return list(dataset.lengths)
 
     @classmethod
-    def from_bins(cls, dataset, bins: list[list[int]], pack_size: int) -> "PackedDataset":
+    def from_bins(cls, dataset, bins: list[list[int]], pack_size: int, **kwargs) -> "PackedDataset":
         """Pack ``dataset`` with precomputed ``bins``."""
-        return cls(dataset, pack_size, bins=bins)
+        return cls(dataset, pack_size, bins=bins, **kwargs)
 
     @classmethod
-    def from_file(cls, dataset, path: str) -> "PackedDataset":
+    def from_file(cls, dataset, path: str, **kwargs) -> "PackedDataset":
         """Pack ``dataset`` with the bins saved by :meth:`save` (for instance by
         ``examples/nlp/data/prepare_packed_sft_dataset.py``). Raises ``ValueError`` when the
         file was made for samples of other lengths."""
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
-        if saved["lengths"] != list(dataset.lengths):
+        packed = cls.from_bins(dataset, saved["bins"], saved["pack_size"], check_bins=False, **kwargs)
+        if saved["lengths"] != packed.lengths:
             raise ValueError(
                 f"{path}: the packs were computed for other samples ({len(saved['lengths'])} samples saved, "
-                f"{len(dataset.lengths)} now, or other lengths); re-run {cls.packing_script} "
-                "with the same data, tokenizer and max_seq_length"
+                f"{len(packed.lengths)} now, or other lengths); re-run {cls.packing_script} "
+                "with the same data, tokenizer, max_seq_length and packing options"
             )
-        return cls.from_bins(dataset, saved["bins"], saved["pack_size"])
+        packed._check_bins()
+        return packed
 
     def save(self, path: str) -> None:
         """Write ``{"pack_size", "lengths", "bins"}`` as JSON, for :meth:`from_file`."""
         with open(path, "w", encoding="utf-8") as f:
-            json.dump({"pack_size": self.pack_size, "lengths": list(self.dataset.lengths), "bins": self.bins}, f)
+            json.dump({"pack_size": self.pack_size, "lengths": self.lengths, "bins": self.bins}, f)
 
     def _check_bins(self) -> None:
-        lengths = self.dataset.lengths
+        lengths = self.lengths
         seen = [0] * len(lengths)
         for j, b in enumerate(self.bins):
             if not b:

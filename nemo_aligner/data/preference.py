@@ -96,11 +96,19 @@ def render_prompt_response(prompt, response, response_field: str = "response", c
 
 
 # ---------------------------------------------------------------------------- sequences
-def make_sequence(ids: torch.Tensor, mask: torch.Tensor, shift: bool) -> dict:
-    """A collatable sequence: shifted for next-token log-probs, or the raw ids (reward models)."""
+def make_sequence(ids: torch.Tensor, mask: torch.Tensor, shift: bool, shared_prefix: int = 0) -> dict:
+    """A collatable sequence: shifted for next-token log-probs, or the raw ids (reward models).
+
+    ``shared_prefix``: its first that many tokens equal those of the previous sequence of
+    its group and score nothing, so a pack may compute them once (see
+    :class:`PackedGroupDataset`)."""
     if shift:
-        return {"tokens": ids[:-1], "labels": ids[1:], "loss_mask": mask[1:], "position_ids": torch.arange(len(ids) - 1)}
-    return {"tokens": ids, "labels": ids, "loss_mask": mask, "position_ids": torch.arange(len(ids))}
+        seq = {"tokens": ids[:-1], "labels": ids[1:], "loss_mask": mask[1:], "position_ids": torch.arange(len(ids) - 1)}
+    else:
+        seq = {"tokens": ids, "labels": ids, "loss_mask": mask, "position_ids": torch.arange(len(ids))}
+    if shared_prefix:
+        seq["shared_prefix"] = shared_prefix
+    return seq
 
 
 def _number(sample: dict, field: str):
@@ -162,6 +170,13 @@ class _Tokenized:
             )
         return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long), truncated
 
+    def shared_prefix(self, prefix_a: list[int], prefix_b: list[int]) -> int:
+        """How many leading tokens of a shifted sequence with prompt ``prefix_b`` equal those
+        of one with prompt ``prefix_a`` and score nothing: all but the prompt's last token,
+        whose label is the response's first. 0 unshifted (a reward model reads every token
+        it is given) or when the prompts differ."""
+        return max(len(prefix_a) - 1, 0) if self.shift and prefix_a == prefix_b else 0
+
     def seq_length(self, ids: torch.Tensor) -> int:
         return len(ids) - 1 if self.shift else len(ids)
 
@@ -188,6 +203,7 @@ class PreferenceDataset(torch.utils.data.Dataset, _Tokenized):
                  shift=True, require_gt_rewards=False, require_margin=False):
         _Tokenized.__init__(self, path, tokenizer, max_seq_length, truncation, add_bos, add_eos, shift)
         self.pairs = []  # (chosen ids, chosen mask, rejected ids, rejected mask)
+        self.shared = []  # leading tokens the rejected sequence shares with the chosen one
         gt, margins = [], []
         for line_no, sample in read_jsonl(self.path):
             where = f"{self.path}:{line_no}"
@@ -205,6 +221,7 @@ class PreferenceDataset(torch.utils.data.Dataset, _Tokenized):
                 continue
             self.num_truncated += int(chosen[2] or rejected[2])
             self.pairs.append((chosen[0], chosen[1], rejected[0], rejected[1]))
+            self.shared.append(self.shared_prefix(prefix_c, prefix_r))
             gt.append(rewards)
             margins.append(margin)
         self.check_not_empty(len(self.pairs))
@@ -238,7 +255,8 @@ class PreferenceDataset(torch.utils.data.Dataset, _Tokenized):
     def __getitem__(self, i: int) -> dict:
         c_ids, c_mask, r_ids, r_mask = self.pairs[i]
         return {
-            "sequences": [make_sequence(c_ids, c_mask, self.shift), make_sequence(r_ids, r_mask, self.shift)],
+            "sequences": [make_sequence(c_ids, c_mask, self.shift),
+                          make_sequence(r_ids, r_mask, self.shift, shared_prefix=self.shared[i])],
             "weight": torch.ones(1),
             "sample_ids": torch.tensor([i]),
             "gt_rewards": self.gt_rewards[i].clone(),
@@ -426,6 +444,7 @@ class KTODataset(torch.utils.data.Dataset, _Tokenized):
         self.ref_logps = torch.full((n, 2), float("nan"), dtype=torch.float32)
         self._kl = [self._kl_sequence(i) for i in range(n)]
         self.lengths = [self.seq_length(s[2]) + self.seq_length(k[0]) for s, k in zip(self.samples, self._kl)]
+        self.shared = [self.shared_prefix(s[0], s[0]) for s in self.samples]
 
     def _kl_sequence(self, i: int):
         prefix = self.samples[i][0]
@@ -441,7 +460,7 @@ class KTODataset(torch.utils.data.Dataset, _Tokenized):
         _, _, ids, mask = self.samples[i]
         kl_ids, kl_mask = self._kl[i]
         return {
-            "sequences": [make_sequence(ids, mask, True), make_sequence(kl_ids, kl_mask, True)],
+            "sequences": [make_sequence(ids, mask, True), make_sequence(kl_ids, kl_mask, True, shared_prefix=self.shared[i])],
             "weight": torch.ones(1),
             "sample_ids": torch.tensor([i]),
             "desirable": self.desirable[i : i + 1].clone(),
@@ -487,6 +506,8 @@ def group_collate(groups: list[dict], pad_id: int, pad_to: int | None = None, pa
             seqs = g["sequences"]
             row = {k: torch.cat([s[k] for s in seqs]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
             row["seq_lens"] = torch.tensor([len(s["tokens"]) for s in seqs], dtype=torch.long)
+            if any("prefix_len" in s for s in seqs):
+                row["prefix_lens"] = torch.tensor([s.get("prefix_len", 0) for s in seqs], dtype=torch.long)
             rows.append((row, [len(s["tokens"]) for s in seqs]))
     else:
         rows = [(s, [len(s["tokens"])]) for g in groups for s in g["sequences"]]
@@ -515,13 +536,43 @@ class PackedGroupDataset(PackedDataset):
 
     ``dataset.lengths`` are the groups' token counts (a pair counts both sequences), so the
     bins come from the same packing algorithms as SFT. A pack never splits a group.
+
+    ``share_prefix``: a sequence whose first ``L`` tokens equal those of the sequence before
+    it in its group and score nothing (``shared_prefix``, e.g. a pair's prompt) is stored
+    without them, as a continuation (``prefix_len = L``, positions from ``L``): attention
+    lets it see the previous sequence's first ``L`` tokens (see
+    :class:`~nemo_aligner.models.attention.SDPACoreAttention`), so a pair's prompt is
+    computed once. Log-probs are those of the unshared layout.
     """
 
     packing_script = "prepare_packed_dpo_dataset.py"
 
+    def __init__(self, dataset, pack_size: int, algorithm: str = "first_fit_shuffle", seed: int = 1234, bins=None,
+                 check_bins: bool = True, share_prefix: bool = False):
+        self.share_prefix = share_prefix
+        super().__init__(dataset, pack_size, algorithm=algorithm, seed=seed, bins=bins, check_bins=check_bins)
+
+    def item_lengths(self, dataset) -> list[int]:
+        shared = getattr(dataset, "shared", None)
+        if not self.share_prefix or shared is None:
+            return list(dataset.lengths)
+        return [n - s for n, s in zip(dataset.lengths, shared)]
+
+    def _sequences(self, group: dict) -> list[dict]:
+        if not self.share_prefix:
+            return group["sequences"]
+        out = []
+        for seq in group["sequences"]:
+            shared = seq.get("shared_prefix", 0)
+            if shared:
+                seq = {key: seq[key][shared:] for key in ("tokens", "labels", "loss_mask", "position_ids")}
+                seq["prefix_len"] = shared
+            out.append(seq)
+        return out
+
     def __getitem__(self, j: int) -> dict:
         groups = [self.dataset[i] for i in self.bins[j]]
-        pack = {"sequences": [s for g in groups for s in g["sequences"]], "packed": True}
+        pack = {"sequences": [s for g in groups for s in self._sequences(g)], "packed": True}
         for key in groups[0]:
             if key != "sequences":
                 pack[key] = torch.cat([g[key] for g in groups])

@@ -9,7 +9,10 @@ supports packed sequences:
   aligned to the bottom-right, so query ``i`` sees keys ``0 .. sk - sq + i``.
 - ``thd`` inputs (``packed_seq_params.qkv_format == "thd"``): query ``[t, heads, dim]``
   holding several sequences back to back, delimited by ``cu_seqlens_q``; each sequence
-  attends causally to itself only, never across a boundary.
+  attends causally to itself only, never across a boundary. With
+  ``packed_seq_params.prefix_lens`` (one int per segment), a segment with ``L > 0``
+  continues the first ``L`` tokens of the segment before it (a prompt shared by a pair's
+  responses): its queries also see those ``L`` keys, as if they preceded it.
 
 Output is ``[sq, b, heads * dim]`` (``[t, heads * dim]`` for ``thd``).
 """
@@ -101,12 +104,21 @@ class SDPACoreAttention(MegatronModule):
         # zero gradient of the whole packed tensor, so slicing n sequences cost n full-size
         # zero-fills and adds per layer; split's backward is a single concatenation.
         lengths = [end - start for start, end in zip(cu_q[:-1], cu_q[1:])]
+        prefix_lens = getattr(packed_seq_params, "prefix_lens", None) or [0] * len(lengths)
+        keys, values = key.split(lengths), value.split(lengths)
         pieces = []
-        for q, k, v in zip(*(x.split(lengths) for x in (query, key, value))):
-            if q.shape[0] == 0:
+        for i, q in enumerate(query.split(lengths)):
+            n, shared = q.shape[0], prefix_lens[i]
+            if n == 0:
                 continue
+            k, v, mask = keys[i], values[i], None
+            if shared:
+                # Query j sits at position shared + j: it sees the shared keys and itself causally.
+                k, v = torch.cat([keys[i - 1][:shared], k]), torch.cat([values[i - 1][:shared], v])
+                mask = torch.ones(n, shared + n, dtype=torch.bool, device=q.device).tril(diagonal=shared)
             # [len, h, d] -> [1, h, len, d]
             q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-            pieces.append(self._sdpa(q, k, v, is_causal=True)[0].transpose(0, 1))
+            out = self._sdpa(q, k, v, attn_mask=mask, is_causal=mask is None)
+            pieces.append(out[0].transpose(0, 1))
         out = torch.cat(pieces, dim=0)
         return out.reshape(query.shape[0], self.heads * self.head_dim)

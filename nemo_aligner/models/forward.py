@@ -1,8 +1,11 @@
 """Forward passes of a (possibly tensor/pipeline parallel) GPT on collated batches."""
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -15,6 +18,9 @@ def forward_batch(model, batch: dict):
 
     A packed batch (with ``cu_seqlens``) is flattened to one row of ``b * s`` tokens in
     Megatron's ``thd`` layout, so attention and RoPE restart at every sample boundary.
+    A packed batch with ``prefix_lens`` (segments continuing a shared prompt, see
+    :func:`~nemo_aligner.data.datasets.sft_collate`) passes them to attention as
+    ``packed_seq_params.prefix_lens`` and takes RoPE positions from ``position_ids``.
     """
     tokens, position_ids = batch["tokens"], batch["position_ids"]
     if "cu_seqlens" not in batch:
@@ -30,13 +36,41 @@ def forward_batch(model, batch: dict):
         max_seqlen_q=int(batch["max_seqlen"]),
         max_seqlen_kv=int(batch["max_seqlen"]),
     )
-    out = model(
-        tokens.reshape(1, b * s),
-        position_ids.reshape(1, b * s),
-        attention_mask=None,
-        packed_seq_params=params,
-    )
+    positions = contextlib.nullcontext()
+    if "prefix_lens" in batch:
+        params.prefix_lens = batch["prefix_lens"].tolist()
+        positions = rope_at_positions(model, position_ids.reshape(-1))
+    with positions:
+        out = model(
+            tokens.reshape(1, b * s),
+            position_ids.reshape(1, b * s),
+            attention_mask=None,
+            packed_seq_params=params,
+        )
     return out.reshape(b, s, -1) if out.dim() == 3 and out.shape[0] == 1 else out
+
+
+@contextlib.contextmanager
+def rope_at_positions(model, position_ids: torch.Tensor):
+    """Within the block, ``model``'s rotary embeddings give one frequency row per token, at
+    ``position_ids`` (``[t]``), instead of rows ``0 .. max_seqlen - 1``.
+
+    Megatron's ``thd`` RoPE restarts positions at every segment unless it gets a row per
+    packed token (then it takes each segment's rows at the segment's offset), which is what
+    a segment continuing a shared prompt (positions from the prompt's length) needs.
+    """
+    ropes = [m for m in model.modules() if isinstance(m, RotaryEmbedding)]
+    top = int(position_ids.max()) + 1
+    for rope in ropes:
+        def forward(max_seq_len, offset=0, packed_seq=False, cp_group=None, _rope=rope):
+            return type(_rope).forward(_rope, top, offset, packed_seq, cp_group)[position_ids.to(_rope.inv_freq.device)]
+
+        rope.forward = forward
+    try:
+        yield
+    finally:
+        for rope in ropes:
+            del rope.forward
 
 
 @torch.no_grad()

@@ -98,17 +98,28 @@ def test_swap_restores_weights_and_matches_precompute(tok, pairs, dist_world_of_
     torch.testing.assert_close(batch["ref_logps"].view(-1, 2), precomputed, rtol=0, atol=2e-5)
 
 
-def test_packed_dpo_equals_unpacked(tok, pairs, dist_world_of_one):
-    """Per-sequence log-probs, every metric and the gradients agree (fp32, to 1e-5)."""
+@pytest.mark.parametrize("share_prompt", [False, True])
+@pytest.mark.parametrize("position", ["rope", "learned_absolute"])
+def test_packed_dpo_equals_unpacked(tok, pairs, share_prompt, position, dist_world_of_one):
+    """Per-sequence log-probs, every metric and the gradients agree (fp32, to 1e-5), with
+    each pair's prompt in both sequences or computed once (``share_prompt``)."""
     coll = partial(collate, tok)
-    precompute_reference_logps([model(5)], pairs, pairs, coll, micro_batch_size=N)  # reference != policy
-    policy = model(4)
+    build = lambda seed: build_gpt_model(dict(TINY, position_embedding_type=position), 512, seed=seed)  # noqa: E731
+    precompute_reference_logps([build(5)], pairs, pairs, coll, micro_batch_size=N)  # reference != policy
+    policy = build(4)
     for loss_type in ("dpo", "ipo", "rpo_fwd_kl"):
         settings = DPOSettings(loss_type=loss_type, beta=0.5, sft_loss_weight=0.3, gt_reward_scale=2.0)
         unpacked = coll([pairs[i] for i in range(N)])
-        packed_ds = PackedGroupDataset.from_bins(pairs, [[3, 0, 5], [1, 7], [2, 6, 4]], pack_size=256)
+        packed_ds = PackedGroupDataset.from_bins(pairs, [[3, 0, 5], [1, 7], [2, 6, 4]], pack_size=256,
+                                                 share_prefix=share_prompt)
         packed = coll([packed_ds[j] for j in range(3)], pad_to=256)
         assert "cu_seqlens" in packed
+        tokens = int(packed["seq_ids"].ge(0).sum())
+        if share_prompt:  # every rejected sequence continues its chosen one's prompt
+            assert (packed["prefix_lens"] > 0).sum() == N
+            assert tokens == sum(pairs.lengths) - sum(pairs.shared) < sum(pairs.lengths)
+        else:
+            assert "prefix_lens" not in packed and tokens == sum(pairs.lengths)
 
         results = {}
         for name, batch in (("unpacked", unpacked), ("packed", packed)):

@@ -173,6 +173,25 @@ def test_group_collate_unpacked_and_packed_index_the_same_sequences(tmp_path):
         assert batch["tokens"].reshape(-1)[batch["last_index"][k]] == flat["tokens"].reshape(-1)[flat["last_index"][row]]
 
 
+def test_shared_prompt_packs_hold_the_rejected_response_as_a_continuation(tmp_path):
+    lines = [pair("Q::", "a" * k, "b" * (k + 2)) for k in (1, 3)]
+    ds = PreferenceDataset(write(tmp_path / "p.jsonl", lines), TOK, 16)
+    assert ds.shared == [2, 2]  # the prompt's first two tokens; its last predicts the response
+    packs = PackedGroupDataset.from_bins(ds, [[1, 0]], pack_size=32, share_prefix=True)
+    assert packs.lengths == [n - 2 for n in ds.lengths]
+    rejected = ds[1]["sequences"][1]
+    shared = packs[0]["sequences"][1]
+    assert shared["prefix_len"] == 2
+    for key in ("tokens", "labels", "loss_mask"):
+        assert shared[key].tolist() == rejected[key][2:].tolist()
+    assert shared["position_ids"].tolist() == list(range(2, len(rejected["tokens"])))
+    assert rejected["loss_mask"][:2].sum() == 0  # what is dropped scores nothing
+    batch = group_collate([packs[0]], pad_id=0, pad_to=32)
+    assert batch["prefix_lens"].tolist() == [0, 2, 0, 2, 0]
+    # Unshifted (reward-model) sequences share nothing: a reward reads every token it is given.
+    assert PreferenceDataset(write(tmp_path / "r.jsonl", lines), TOK, 16, shift=False).shared == [0, 0]
+
+
 def test_padding_group_carries_no_loss_and_no_nan(tmp_path):
     ds = PreferenceDataset(write(tmp_path / "p.jsonl", [pair()]), TOK, 16)
     pad = padding_group(ds[0])
@@ -190,6 +209,8 @@ def test_stale_packs_file_names_the_dpo_script(tmp_path):
     other = PreferenceDataset(write(tmp_path / "q.jsonl", [pair(), pair(chosen="abcdef")]), TOK, 16)
     with pytest.raises(ValueError, match="prepare_packed_dpo_dataset.py"):
         PackedGroupDataset.from_file(other, tmp_path / "packs.json")
+    with pytest.raises(ValueError, match="packing options"):  # packed without sharing, loaded with it
+        PackedGroupDataset.from_file(ds, tmp_path / "packs.json", share_prefix=True)
 
 
 CHATML = (

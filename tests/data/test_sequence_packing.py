@@ -140,3 +140,15 @@ def test_prepare_script_and_from_file(tmp_path, sft_path, dataset, tokenizer, ca
     out.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="re-run prepare_packed_sft_dataset.py"):
         PackedDataset.from_file(dataset, out)
+
+
+def test_collate_refuses_a_prefix_longer_than_the_previous_segment():
+    sample = {"tokens": torch.arange(6), "labels": torch.arange(6), "loss_mask": torch.ones(6, dtype=torch.long),
+              "position_ids": torch.tensor([0, 1, 2, 3, 1, 2]), "seq_lens": torch.tensor([4, 2]),
+              "prefix_lens": torch.tensor([0, 1])}
+    batch = sft_collate([sample], pad_id=0, pad_to=8)
+    assert batch["prefix_lens"].tolist() == [0, 1, 0]  # the padding tail is a segment too
+    with pytest.raises(ValueError, match="continues 5 tokens"):
+        sft_collate([dict(sample, prefix_lens=torch.tensor([0, 5]))], pad_id=0)
+    with pytest.raises(ValueError, match="segment 0"):
+        sft_collate([dict(sample, prefix_lens=torch.tensor([1, 0]))], pad_id=0)

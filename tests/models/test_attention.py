@@ -64,3 +64,21 @@ def test_packed_thd_never_attends_across_boundaries():
         expected = reference(q[sl].unsqueeze(1), k[sl].unsqueeze(1), v[sl].unsqueeze(1))[:, 0]
         torch.testing.assert_close(packed[sl], expected, rtol=1e-5, atol=1e-5)
         start += n
+
+
+def test_packed_thd_segment_continuing_a_shared_prefix():
+    """Segments [prompt + a] and [b] with prefix_lens 3: b's rows equal those of the unshared
+    sequence prompt + b, and a is unaffected."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    attn = make()
+    q, k, v = rand(9, 4, 8, seed=7), rand(9, 2, 8, seed=8), rand(9, 2, 8, seed=9)
+    cu = torch.tensor([0, 5, 9], dtype=torch.int32)  # [p0 p1 p2 a0 a1] [b0 b1 b2 b3]
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=5, max_seqlen_kv=5)
+    params.prefix_lens = [0, 3]
+    packed = attn(q, k, v, None, packed_seq_params=params)
+    full = lambda x, idx: x[idx].unsqueeze(1)  # noqa: E731
+    a = list(range(5))
+    b = [0, 1, 2, 5, 6, 7, 8]
+    torch.testing.assert_close(packed[:5], reference(full(q, a), full(k, a), full(v, a))[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[5:], reference(full(q, b), full(k, b), full(v, b))[3:, 0], rtol=1e-5, atol=1e-5)

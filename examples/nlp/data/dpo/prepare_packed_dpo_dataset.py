@@ -8,7 +8,8 @@ packing statistics.
     # then: model.data.packing.enabled=true model.data.packing.packed_file=preference_train.packs.json
 
 A pack holds whole pairs (chosen and rejected together), so ``--pack-size`` must be at least
-twice ``--max-seq-length``. The output is ``{"pack_size", "lengths", "bins"}`` (pair indices
+twice ``--max-seq-length``. A pair's prompt is counted once (training computes it once,
+``model.data.packing.share_prompt``, on by default); ``--no-share-prompt`` counts it twice. The output is ``{"pack_size", "lengths", "bins"}`` (pair indices
 in file order after dropped lines, and each pair's token count), checked against the data
 when training loads it. Tokenization options must match training; ``--reward-model`` counts
 tokens as the reward model sees them (unshifted).
@@ -35,6 +36,8 @@ def main(argv=None) -> None:
     parser.add_argument("--add-bos", action="store_true")
     parser.add_argument("--no-eos", dest="add_eos", action="store_false")
     parser.add_argument("--reward-model", action="store_true", help="pack for reward-model training (unshifted sequences)")
+    parser.add_argument("--no-share-prompt", dest="share_prompt", action="store_false",
+                        help="count each pair's prompt twice (for model.data.packing.share_prompt=false)")
     args = parser.parse_args(argv)
     if args.pack_size < 2 * args.max_seq_length:
         parser.error(f"--pack-size {args.pack_size} is less than twice --max-seq-length ({2 * args.max_seq_length}); a pair may not fit")
@@ -43,7 +46,8 @@ def main(argv=None) -> None:
         args.input, load_tokenizer(args.tokenizer), args.max_seq_length, truncation=args.truncation,
         add_bos=args.add_bos, add_eos=args.add_eos, shift=not args.reward_model,
     )
-    packed = PackedGroupDataset(dataset, args.pack_size, algorithm=args.algorithm, seed=args.seed)
+    packed = PackedGroupDataset(dataset, args.pack_size, algorithm=args.algorithm, seed=args.seed,
+                                share_prefix=args.share_prompt)
     packed.save(args.output)
     print(f"pairs: {len(dataset)} (truncated {dataset.num_truncated}, dropped {dataset.num_dropped})")
     print(f"packs: {len(packed)} of {args.pack_size} tokens, {len(dataset) / len(packed):.2f} pairs per pack")
