@@ -24,6 +24,8 @@ from nemo_aligner.models.gpt import build_gpt_model
 from nemo_aligner.utils import distributed
 from nemo_aligner.utils.config import cfg_get
 from nemo_aligner.utils.optim import build_optimizer, build_scheduler, wrap_ddp
+from nemo_aligner.utils.cpu_support import needs_cpu_support
+from nemo_aligner.utils.host_memory import keep_freed_memory
 
 # Keys that describe the network itself: taken from a checkpoint being restored, so a
 # run's config cannot silently build a different architecture than the weights.
@@ -87,6 +89,8 @@ def set_vocab_size(model_cfg: dict, tokenizer) -> int:
 
 
 def init_distributed(cfg) -> None:
+    if needs_cpu_support():
+        keep_freed_memory()  # activations live in host memory: reuse it, don't page it in again
     distributed.initialize(
         tensor_model_parallel_size=int(cfg_get(cfg, "model.tensor_model_parallel_size", 1)),
         pipeline_model_parallel_size=int(cfg_get(cfg, "model.pipeline_model_parallel_size", 1)),

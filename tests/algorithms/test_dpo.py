@@ -199,6 +199,25 @@ def test_kto_loss_fn_matches_hand_formula(tok, tmp_path, dist_world_of_one):
     assert float(metrics["kl_sum"]) / 6 == pytest.approx(z0.item(), abs=1e-6)
 
 
+def test_packed_kto_with_shared_prompts_equals_unpacked(tok, tmp_path, dist_world_of_one):
+    """A KTO sample and its mismatched KL sequence share the prompt: packed once, the
+    log-probs of both are those of the unpacked sequences."""
+    lines = (ROOT / "data/quickstart/kto_train.jsonl").read_text().splitlines()[:6]
+    (tmp_path / "k.jsonl").write_text("\n".join(lines) + "\n")
+    ds = KTODataset(tmp_path / "k.jsonl", tok, 64, seed=1)
+    assert all(n > 0 for n in ds.shared)
+    m = model(12)
+    coll = partial(collate, tok)
+    unpacked = coll([ds[i] for i in range(6)])
+    packs = PackedGroupDataset.from_bins(ds, [[4, 1, 0], [2, 5, 3]], pack_size=256, share_prefix=True)
+    packed = coll([packs[0], packs[1]], pad_to=256)
+    assert packed["seq_ids"].ge(0).sum() == sum(ds.lengths) - sum(ds.shared)
+    with torch.no_grad():
+        want = sequence_logps(forward_batch(m, unpacked), unpacked)[0].view(-1, 2)
+        got = sequence_logps(forward_batch(m, packed), packed)[0].view(-1, 2)
+    torch.testing.assert_close(got[packed["sample_ids"].argsort()], want, rtol=0, atol=1e-5)
+
+
 def test_sequence_logps_of_an_imported_hf_model_match_transformers(tmp_path, dist_world_of_one):
     """What DPO sees of a Hugging Face model (imported) equals transformers' own log-probs."""
     from hf_models import make_hf_model
