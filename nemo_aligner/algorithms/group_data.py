@@ -73,9 +73,10 @@ def maybe_pack(cfg, dataset, max_seq_length: int, use_packed_file: bool = True, 
             seed=int(cfg_get(cfg, "seed", 1234)), share_prefix=share,
         )
     saved = sum(dataset.lengths) - sum(packed.lengths)
+    shared = f"; shared prompts save {saved} of {sum(dataset.lengths)} tokens" if saved else ""
     get_logger().info(
         f"packed {len(dataset)} samples into {len(packed)} packs of {packed.pack_size} tokens "
-        f"(efficiency {packed.packing_efficiency:.3f}; shared prompts save {saved} of {sum(dataset.lengths)} tokens)"
+        f"(efficiency {packed.packing_efficiency:.3f}{shared})"
     )
     return packed
 
@@ -86,9 +87,9 @@ def share_prompt(cfg) -> bool:
     layer spec is Transformer Engine's."""
     if not bool(cfg_get(cfg, "model.data.packing.share_prompt", True)):
         return False
-    from nemo_aligner.models.gpt import _use_transformer_engine
+    from nemo_aligner.models.gpt import uses_transformer_engine
 
-    if _use_transformer_engine():
+    if uses_transformer_engine():
         get_logger().info("model.data.packing.share_prompt is off: Transformer Engine attention cannot share a prompt")
         return False
     return True

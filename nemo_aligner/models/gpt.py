@@ -144,7 +144,8 @@ def transformer_config(cfg, initialize: bool = True) -> TransformerConfig:
     )
 
 
-def _use_transformer_engine() -> bool:
+def uses_transformer_engine() -> bool:
+    """Whether models are built with Transformer Engine's layer spec (CUDA and TE present)."""
     if not torch.cuda.is_available():
         return False
     try:
@@ -155,7 +156,7 @@ def _use_transformer_engine() -> bool:
 
 
 def layer_spec(config: TransformerConfig):
-    if _use_transformer_engine():
+    if uses_transformer_engine():
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )

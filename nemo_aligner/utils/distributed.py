@@ -40,8 +40,9 @@ def _env_from_slurm() -> None:
         os.environ["MASTER_ADDR"] = nodelist.split(",")[0].split("[")[0] or "127.0.0.1"
 
 
-def validate_parallel_layout(world_size: int, tp: int, pp: int, num_layers: int | None = None):
-    """Raise ParallelConfigError with the fix when TP/PP cannot tile the world or the model."""
+def validate_parallel_layout(world_size: int, tp: int, pp: int, num_layers: int | None = None) -> int:
+    """The data-parallel size of the layout; raise ParallelConfigError with the fix when TP/PP
+    cannot tile the world or the model."""
     if tp < 1 or pp < 1:
         raise ParallelConfigError(
             f"tensor_model_parallel_size={tp} and pipeline_model_parallel_size={pp} must be >= 1"
@@ -56,6 +57,7 @@ def validate_parallel_layout(world_size: int, tp: int, pp: int, num_layers: int 
             f"model.num_layers={num_layers} is not divisible by pipeline_model_parallel_size={pp}; "
             "choose a pipeline size that divides the layer count"
         )
+    return world_size // (tp * pp)
 
 
 def set_seed(seed: int) -> None:

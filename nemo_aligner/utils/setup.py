@@ -23,9 +23,9 @@ from nemo_aligner.data.tokenizers import load_tokenizer
 from nemo_aligner.models.gpt import build_gpt_model
 from nemo_aligner.utils import distributed
 from nemo_aligner.utils.config import cfg_get
-from nemo_aligner.utils.optim import build_optimizer, build_scheduler, wrap_ddp
 from nemo_aligner.utils.cpu_support import needs_cpu_support
 from nemo_aligner.utils.host_memory import keep_freed_memory
+from nemo_aligner.utils.optim import build_optimizer, build_scheduler, wrap_ddp
 
 # Keys that describe the network itself: taken from a checkpoint being restored, so a
 # run's config cannot silently build a different architecture than the weights.

@@ -3,9 +3,9 @@ import pytest
 from nemo_aligner.utils.distributed import ParallelConfigError, validate_parallel_layout
 
 
-@pytest.mark.parametrize("world,tp,pp,layers", [(8, 2, 2, 4), (2, 1, 2, 4), (1, 1, 1, 3), (6, 3, 1, None)])
-def test_valid_layouts(world, tp, pp, layers):
-    validate_parallel_layout(world, tp, pp, layers)
+@pytest.mark.parametrize("world,tp,pp,layers,dp", [(8, 2, 2, 4, 2), (2, 1, 2, 4, 1), (1, 1, 1, 3, 1), (6, 3, 1, None, 2)])
+def test_valid_layouts(world, tp, pp, layers, dp):
+    assert validate_parallel_layout(world, tp, pp, layers) == dp
 
 
 @pytest.mark.parametrize("world,tp,pp,layers,needle", [
