@@ -16,7 +16,9 @@ gating, Megatron's rotary table, tensor-parallel all-reduces after the row-paral
 layers, and the output layer's product on the last position only (real vocabulary
 rows; all-gathered under TP). Keys are cached *after* rotary
 embedding (``[B, groups, slots, dim]``, the layout attention reads), so a step touches
-each cached key once.
+each cached key once. The prefill runs the prompts' real tokens only, packed into one row
+(no products over left padding: about a third of a batch of 16-64-token prompts), and
+scatters their keys and values into the cache.
 
 :func:`unsupported_reason` lists what it does not model; the engine then falls back to
 :class:`~nemo_aligner.generation.context_decoder.MegatronContextDecoder`. Parity with the
@@ -239,27 +241,53 @@ class LeanDecoder:
             x = x + self.embedding.position_embeddings(positions)
         return x
 
-    def _attention(self, layer, index, y, start, mask, causal):
-        b, s, _ = y.shape
-        g, d = layer.groups, layer.head_dim
-        per = layer.heads // g  # query heads per group
-        # Megatron's fused QKV layout: per group, its query heads, then one key, one value.
-        qkv = layer.qkv(y).view(b, s, g, per + 2, d)
-        qk = qkv[:, :, :, : per + 1]
-        if self.cos is not None:  # queries and keys rotated in one go
-            cos = self.cos[:, start:start + s, None, None]
-            sin = self.sin[:, start:start + s, None, None]
-            qk = _rotate(qk, cos, sin)
-        q = qk[:, :, :, :per].reshape(b, s, layer.heads, d).transpose(1, 2)
-        end = start + s
-        self.keys[index][:, :, start:end] = qk[:, :, :, per].transpose(1, 2)
-        self.values[index][:, :, start:end] = qkv[:, :, :, per + 1].transpose(1, 2)
+    def _qkv(self, layer, y, rope):
+        """The fused QKV product of ``y`` ``[..., h]``, viewed as ``[..., groups, per + 2,
+        dim]`` (Megatron's layout: per group, its query heads, then one key, one value), and
+        its queries and keys rotated in one go (``[..., groups, per + 1, dim]``)."""
+        per = layer.heads // layer.groups
+        qkv = layer.qkv(y).view(*y.shape[:-1], layer.groups, per + 2, layer.head_dim)
+        qk = qkv[..., : per + 1, :]
+        if rope is not None:
+            qk = _rotate(qk, *rope)
+        return qkv, qk
+
+    def _attention(self, layer, index, y, rope, mask):
+        """One token per row (``y`` ``[B, 1, h]``) at slot ``self.length``."""
+        b = y.shape[0]
+        per = layer.heads // layer.groups
+        qkv, qk = self._qkv(layer, y, rope)
+        q = qk[:, :, :, :per].reshape(b, 1, layer.heads, layer.head_dim).transpose(1, 2)
+        slot, end = self.length, self.length + 1
+        self.keys[index][:, :, slot] = qk[:, 0, :, per]
+        self.values[index][:, :, slot] = qkv[:, 0, :, per + 1]
         out = torch.nn.functional.scaled_dot_product_attention(
             q, self.keys[index][:, :, :end], self.values[index][:, :, :end],
-            attn_mask=mask, is_causal=causal, scale=layer.scale,
-            enable_gqa=layer.heads != g,
+            attn_mask=mask, scale=layer.scale, enable_gqa=layer.heads != layer.groups,
         )
-        return layer.proj(out.transpose(1, 2).reshape(b, s, layer.heads * d))
+        return layer.proj(out.transpose(1, 2).reshape(b, 1, layer.heads * layer.head_dim))
+
+    def _packed_attention(self, layer, index, y, rope, mask, packed):
+        """Prefill attention for the prompts' real tokens only (``y`` ``[1, T, h]``, row
+        after row): products over ``T`` rows, keys and values scattered into their cache
+        slots, attention over the padded ``[B, P]`` layout (pad queries see themselves)."""
+        rows, slots, (b, p) = packed
+        per, d = layer.heads // layer.groups, layer.head_dim
+        qkv, qk = self._qkv(layer, y[0], rope)  # [T, groups, per + 2 | per + 1, dim]
+        keys, values = self.keys[index], self.values[index]
+        # Pad slots stay masked but must hold finite values (0 * NaN is NaN).
+        keys[:, :, :p].zero_()
+        values[:, :, :p].zero_()
+        keys[rows, :, slots] = qk[:, :, per]
+        values[rows, :, slots] = qkv[:, :, per + 1]
+        q = qk.new_zeros(b, p, layer.heads, d)
+        q[rows, slots] = qk[:, :, :per].reshape(-1, layer.heads, d)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), keys[:, :, :p], values[:, :, :p],
+            attn_mask=mask, is_causal=mask is None, scale=layer.scale,
+            enable_gqa=layer.heads != layer.groups,
+        )
+        return layer.proj(out.transpose(1, 2)[rows, slots].reshape(1, -1, layer.heads * d))
 
     def _mlp(self, layer, y):
         h = layer.fc1(y)
@@ -270,33 +298,60 @@ class LeanDecoder:
             h = layer.activation(h)
         return layer.fc2(h)
 
-    def _forward(self, tokens, mask, causal):
-        start = self.length
-        s = tokens.shape[1]
-        x = self._embed(tokens, self.positions[:, start:start + s])
+    def _layers(self, x, attention):
         for index, layer in enumerate(self.layers):
-            x = x + self._attention(layer, index, layer.input_norm(x), start, mask, causal)
+            x = x + attention(layer, index, layer.input_norm(x))
             x = x + self._mlp(layer, layer.mlp_norm(x))
-        self.length = start + s
-        logits = _product(self.final_norm(x[:, -1]), self.output_weight)
+        return x
+
+    def _logits(self, h):
+        """Next-token logits ``[B, vocab_size]`` from last-position hidden states ``[B, h]``."""
+        logits = _product(self.final_norm(h), self.output_weight)
         if self.output_group is not None:
             logits = gather_from_tensor_model_parallel_region(logits, group=self.output_group)[:, : self.vocab_size]
         return logits
 
+    def _rope(self, rows, slots):
+        """cos/sin rows for the tokens at ``(rows, slots)``, shaped to broadcast over
+        ``[..., groups, per + 1, dim]``; ``None`` without rotary embeddings."""
+        if self.cos is None:
+            return None
+        return self.cos[rows, slots][..., None, None, :], self.sin[rows, slots][..., None, None, :]
+
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``tokens`` ``[B, P]`` (left-padded) -> last-position logits ``[B, vocab_size]``."""
-        p = tokens.shape[1]
-        if not self.padded:
-            return self._forward(tokens, None, True)
-        causal = torch.ones(p, p, dtype=torch.bool, device=tokens.device).tril_()
-        # A pad query attends to itself only, which keeps its (unused) output finite.
-        allowed = (causal & self.key_valid[:, None, :p]) | torch.eye(p, dtype=torch.bool, device=tokens.device)
-        return self._forward(tokens, allowed.unsqueeze(1), False)
+        """``tokens`` ``[B, P]`` (left-padded) -> last-position logits ``[B, vocab_size]``.
+
+        Only real tokens go through the products: the prompts are packed into one row
+        (a batch of prompts of 16-64 tokens holds about a third padding)."""
+        b, p = tokens.shape
+        valid = self.key_valid[:, :p]
+        rows, slots = valid.nonzero(as_tuple=True)
+        x = self._embed(tokens[rows, slots].unsqueeze(0), self.positions[rows, slots].unsqueeze(0))
+        rope = self._rope(rows, slots)
+        mask = None  # plain causal attention when no row is padded
+        if self.padded:
+            causal = torch.ones(p, p, dtype=torch.bool, device=tokens.device).tril_()
+            # A pad query attends to itself only, which keeps its (unused) output finite.
+            allowed = (causal & valid[:, None, :]) | torch.eye(p, dtype=torch.bool, device=tokens.device)
+            mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
+            mask = mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
+        packed = (rows, slots, (b, p))
+        x = self._layers(x, lambda layer, i, y: self._packed_attention(layer, i, y, rope, mask, packed))
+        self.length = p
+        last = valid.sum(dim=1).cumsum(dim=0) - 1  # each row's last token in the packed row
+        return self._logits(x[0, last])
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (``[B]``) at the next slot -> logits ``[B, vocab_size]``."""
-        mask = self.key_bias[:, None, None, : self.length + 1] if self.padded else None
-        return self._forward(tokens.unsqueeze(1), mask, False)
+        slot = self.length
+        mask = self.key_bias[:, None, None, : slot + 1] if self.padded else None
+        x = self._embed(tokens.unsqueeze(1), self.positions[:, slot:slot + 1])
+        rope = None
+        if self.cos is not None:  # once per step, shared by every layer
+            rope = self.cos[:, slot, None, None, None, :], self.sin[:, slot, None, None, None, :]
+        x = self._layers(x, lambda layer, i, y: self._attention(layer, i, y, rope, mask))
+        self.length = slot + 1
+        return self._logits(x[:, -1])
 
     def keep_rows(self, index: torch.Tensor) -> None:
         """Drop every row not in ``index`` from the batch and the KV cache."""

@@ -27,12 +27,14 @@ def slots_for(lengths, extra):
     return (slot[None] - pad[:, None]).clamp(min=0), slot[None] >= pad[:, None]
 
 
+@pytest.mark.parametrize("lengths", [[6, 3, 9], [5, 5, 5], [1, 7, 2]], ids=["padded", "unpadded", "one_token"])
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 @torch.no_grad()
-def test_prefill_and_steps_equal_model_forward(make_model, name):
+def test_prefill_and_steps_equal_model_forward(make_model, name, lengths):
+    """The packed prefill (real tokens only) and the steps give the model's own logits."""
     model = make_model(VARIANTS[name]).eval()
     assert unsupported_reason(model) is None
-    prompts = random_prompts([6, 3, 9], seed=1)
+    prompts = random_prompts(lengths, seed=1)
     continuation = random_prompts([4, 4, 4], seed=2)
     positions, key_valid = slots_for([len(p) for p in prompts], 4)
     width = max(len(p) for p in prompts)
