@@ -12,6 +12,7 @@ from helpers import ROOT, read_metrics, run
 
 pytestmark = pytest.mark.slow
 DPO_SCRIPT = ROOT / "examples/nlp/gpt/train_gpt_dpo.py"
+KTO_SCRIPT = ROOT / "examples/nlp/gpt/train_gpt_kto.py"
 RM_SCRIPT = ROOT / "examples/nlp/gpt/train_reward_model.py"
 SCORE_SCRIPT = ROOT / "examples/nlp/gpt/score_reward_model.py"
 HELD_OUT = ROOT / "data/quickstart/preference_val.jsonl"  # no prompt of it is in the training file
@@ -41,6 +42,20 @@ def test_dpo_raises_held_out_preference_accuracy(tmp_path, seed, packing):
     assert last["val/acc"] > 0.8  # chance is 0.5 (and 0 at step 0, where every reward is 0)
     assert last["val/loss"] < math.log(2) - 0.05
     assert last["val/rewards_chosen_mean"] > 0 > last["val/rewards_rejected_mean"]
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["unpacked", "packed"])
+def test_kto_separates_held_out_desirable_from_undesirable(tmp_path, packing):
+    """Unpaired KTO on the same task (kto_*.jsonl: each response labelled desirable or not):
+    held-out desirable responses gain implied reward over undesirable ones."""
+    extra = ["model.data.packing.enabled=true", "model.global_batch_size=2", "model.micro_batch_size=1"] if packing else []
+    run(KTO_SCRIPT, [*small("kto", tmp_path, seed=1, steps=30), "exp_manager.checkpoint_callback_params.save_final_model=false", *extra])
+    metrics = read_metrics(tmp_path)
+    assert metrics[0]["train/loss"] == pytest.approx(0.5, abs=1e-6)  # step 0: every reward and the KL estimate are 0
+    last = metrics[-1]
+    assert last["val/num_samples"] == 200
+    assert last["val/rewards_chosen_mean"] - last["val/rewards_rejected_mean"] > 0.1
+    assert last["val/loss"] < 0.5 - 0.01
 
 
 def test_reward_model_ranks_held_out_pairs_and_scores_them(tmp_path):
