@@ -3,8 +3,9 @@
 from nemo_aligner.generation.engine import (
     GenerationError,
     GenerationOutput,
+    MissingDependencyError,
     RolloutEngine,
     SamplingParams,
 )
 
-__all__ = ["GenerationError", "GenerationOutput", "RolloutEngine", "SamplingParams"]
+__all__ = ["GenerationError", "GenerationOutput", "MissingDependencyError", "RolloutEngine", "SamplingParams"]

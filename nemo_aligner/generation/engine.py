@@ -23,6 +23,11 @@ class GenerationError(ValueError):
     """A request the engine cannot serve (a prompt too long, empty, bad parameters)."""
 
 
+class MissingDependencyError(ImportError):
+    """An optional package the requested backend needs is not installed (the message names
+    it and how to install it, or what to use instead)."""
+
+
 @dataclass
 class SamplingParams:
     """How to pick each next token, and when to stop.

@@ -27,7 +27,13 @@ import torch
 from megatron.core import parallel_state
 
 from nemo_aligner.generation.consistency import trainer_logprobs
-from nemo_aligner.generation.engine import GenerationError, GenerationOutput, RolloutEngine, SamplingParams
+from nemo_aligner.generation.engine import (
+    GenerationError,
+    GenerationOutput,
+    MissingDependencyError,
+    RolloutEngine,
+    SamplingParams,
+)
 from nemo_aligner.generation.refit import unwrap_model
 
 MISSING = (
@@ -43,7 +49,7 @@ def _import_trtllm():
         import tensorrt_llm
         from tensorrt_llm.runtime import ModelRunner
     except ImportError as e:
-        raise ImportError(f"{MISSING} ({e})") from None
+        raise MissingDependencyError(f"{MISSING} ({e})") from None
     return trt, tensorrt_llm, ModelRunner
 
 

@@ -5,8 +5,11 @@ import sys
 
 from nemo_aligner.utils.config import cfg_get
 
-# Errors a user can cause; reported as one line, without a traceback.
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotImplementedError)
+from nemo_aligner.generation.engine import MissingDependencyError
+
+# Errors a user can cause; reported as one line, without a traceback. (Not every
+# ImportError: only the ones raised on purpose for an optional package that is missing.)
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotImplementedError, MissingDependencyError)
 
 
 @contextlib.contextmanager

@@ -123,3 +123,16 @@ def test_missing_input_file(tmp_path, checkpoint):
     line = error_line(proc)
     assert "nope.jsonl not found" in line and "input_file" in line
     assert not out.exists()
+
+
+def test_trtllm_engine_without_tensorrt_llm_is_one_line(tmp_path, checkpoint):
+    try:
+        import tensorrt_llm  # noqa: F401
+        pytest.skip("TensorRT-LLM is installed")
+    except ImportError:
+        pass
+    proc, out = generate(tmp_path, checkpoint[0], "engine=trtllm", f"trtllm.engine_dir={tmp_path}/engine", check=False)
+    assert proc.returncode == 1
+    line = error_line(proc)
+    assert "TensorRT-LLM is not installed" in line and "engine=megatron" in line
+    assert not out.exists()
