@@ -49,7 +49,7 @@ from nemo_aligner.generation.refit import (
     folded_process_groups,
     unwrap_model,
 )
-from nemo_aligner.generation.sampling import choose_next_tokens
+from nemo_aligner.generation.sampling import choose_next_tokens, row_uniforms
 from nemo_aligner.generation.stopping import StopStringMatcher
 from nemo_aligner.models.attention import SDPACoreAttention
 
@@ -298,19 +298,22 @@ class MegatronEngine(RolloutEngine):
         key_valid = slot.unsqueeze(0) >= pad.unsqueeze(1)  # [b, slots]
 
         end_ids = self._end_ids(params, device)
-        generators = None if params.greedy else [torch.Generator().manual_seed(s) for s in seeds]
+        # Each row's uniform draws for its whole response, from its own seed.
+        uniforms = None if params.greedy else row_uniforms([torch.Generator().manual_seed(s) for s in seeds], width)
         # Results in chunk order. The live batch writes into its own buffers (plain column
         # writes each step); rows are copied out when they leave the batch and at the end.
         out = [torch.full((b, width), self.pad_id, dtype=torch.long, device=device),
                torch.zeros(b, width, device=device), torch.zeros(b, width, device=device)]
-        lengths = torch.zeros(b, dtype=torch.long, device=device)
+        lengths = torch.full((b,), width, dtype=torch.long, device=device)
         is_end = torch.zeros(b, dtype=torch.bool, device=device)
         live = [torch.empty_like(buffer) for buffer in out]  # tokens, logprobs, sampling logprobs
-        live_len = torch.zeros(b, dtype=torch.long, device=device)
+        # A live row's length: the step it ended at + 1, or ``width`` while it runs.
+        live_len = torch.full((b,), width, dtype=torch.long, device=device)
         live_end = torch.zeros(b, dtype=torch.bool, device=device)
         rows = torch.arange(b, device=device)  # chunk row of each live batch row
         active = torch.ones(b, dtype=torch.bool, device=device)
         banned = torch.ones(b, dtype=torch.bool, device=device)
+        n_active = b
 
         def flush(select):
             for dst, src in zip(out, live):
@@ -322,31 +325,38 @@ class MegatronEngine(RolloutEngine):
             logits = decoder.prefill(prompt)
             for t in range(width):
                 chosen = choose_next_tokens(
-                    logits.float(), params, generators,
+                    logits.float(), params, None if uniforms is None else uniforms[:, t],
                     banned[: rows.numel()] if t < params.min_new_tokens else None, end_ids,
                 )
                 for buffer, values in zip(live, chosen):
                     buffer[:, t] = values
                 tok = chosen[0]
-                live_len += active
-                ended = active & torch.isin(tok, end_ids)
+                # Per step only what finds ended rows; the bookkeeping runs when some did.
+                ended = torch.isin(tok, end_ids) if end_ids.numel() else None
+                if ended is not None and n_active < rows.numel():
+                    ended &= active
                 if stops and t + 1 >= params.min_new_tokens:
+                    ended = torch.zeros_like(active) if ended is None else ended
                     for i in active.nonzero().squeeze(1).tolist():
                         if not ended[i] and stops.matches(live[0][i, : t + 1].tolist()):
                             ended[i] = True
-                live_end |= ended
-                active &= ~ended
-                if t == width - 1 or not bool(active.any()):
+                n_ended = 0 if ended is None else int(ended.sum())
+                if n_ended:
+                    live_len[ended] = t + 1
+                    live_end |= ended
+                    active &= ~ended
+                    n_active -= n_ended
+                if t == width - 1 or n_active == 0:
                     break
-                if int(active.sum()) <= 0.75 * rows.numel():
+                if n_ended and n_active <= 0.75 * rows.numel():
                     flush((~active).nonzero().squeeze(1))
                     keep = active.nonzero().squeeze(1)
                     decoder.keep_rows(keep)
                     tok, rows, active = tok[keep], rows[keep], active[keep]
                     live = [buffer[keep] for buffer in live]
                     live_len, live_end = live_len[keep], live_end[keep]
-                    if generators is not None:
-                        generators = [generators[i] for i in keep.tolist()]
+                    if uniforms is not None:
+                        uniforms = uniforms[keep]
                 logits = decoder.step(tok)
             flush(torch.arange(rows.numel(), device=device))
         # Past its length a row holds what the batch computed after it ended: clear it.

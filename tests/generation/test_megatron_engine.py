@@ -104,6 +104,24 @@ def test_eos_ends_a_response_and_is_kept(make_model):
     assert (out.response_tokens[0, n:] == 0).all() and (out.logprobs[0, n:] == 0).all()
 
 
+def test_a_row_that_ended_but_stays_in_the_batch_keeps_its_length(make_model):
+    """A finished row stays in the batch until a quarter of it has finished; tokens it is
+    still fed (an end token again, here) must not change its length or its response."""
+    model = make_model()
+    prompts = random_prompts([5, 7, 3, 6, 4, 8, 5, 6], seed=11)
+    free = engine(model).generate(prompts, SamplingParams(greedy=True, max_new_tokens=16)).response_ids
+    # A token one row produces twice or more and no other row produces at all.
+    picks = [(row, tok) for row, tokens in enumerate(free) for tok in set(tokens)
+             if tokens.count(tok) >= 2 and not any(tok in other for i, other in enumerate(free) if i != row)]
+    assert picks, "the fixed prompts must give such a token"
+    row, eos = picks[0]
+    out = engine(model, eos_id=eos).generate(prompts, SamplingParams(greedy=True, max_new_tokens=16))
+    first = free[row].index(eos) + 1
+    assert out.response_ids[row] == free[row][:first] and int(out.response_lengths[row]) == first
+    assert bool(out.is_end[row]) and int(out.is_end.sum()) == 1
+    assert all(out.response_ids[i] == free[i] for i in range(len(prompts)) if i != row)
+
+
 def test_min_new_tokens_suppresses_eos(make_model):
     model = make_model()
     prompts = random_prompts(LENGTHS, seed=4)

@@ -12,9 +12,15 @@ from nemo_aligner.generation.sampling import (
     inverse_cdf_sample,
     mask_end_tokens,
     nucleus,
+    row_uniforms,
 )
 
 INF = float("-inf")
+
+
+def draws(seeds):
+    """One uniform per row, each from its own seed (what the engine passes for a token)."""
+    return row_uniforms([torch.Generator().manual_seed(int(s)) for s in seeds], 1)[:, 0]
 
 
 def test_top_k_candidates_are_the_k_largest_sorted():
@@ -61,8 +67,7 @@ def test_mask_end_tokens_only_in_flagged_rows():
 def test_sampled_frequencies_follow_the_distribution():
     probs = torch.tensor([0.1, 0.6, 0.3])
     logits = probs.log().repeat(4000, 1)
-    gens = [torch.Generator().manual_seed(i) for i in range(4000)]
-    tokens, logprobs, sampling_logprobs = choose_next_tokens(logits, SamplingParams(), gens)
+    tokens, logprobs, sampling_logprobs = choose_next_tokens(logits, SamplingParams(), draws(range(4000)))
     freq = torch.bincount(tokens, minlength=3).float() / 4000
     # 4000 draws: the standard error of each frequency is below 0.008.
     assert torch.allclose(freq, probs, atol=0.03)
@@ -73,7 +78,7 @@ def test_sampled_frequencies_follow_the_distribution():
 def test_temperature_and_logprob_kinds():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     params = SamplingParams(temperature=0.5, top_k=2)
-    tok, lp, slp = choose_next_tokens(logits, params, [torch.Generator().manual_seed(0)])
+    tok, lp, slp = choose_next_tokens(logits, params, draws([0]))
     assert int(tok) in (0, 1)
     assert float(lp) == pytest.approx(float(torch.log_softmax(logits, -1)[0, tok]), abs=1e-6)
     q = torch.softmax(torch.tensor([4.0, 2.0]), -1)  # temperature 0.5 on the top-2 logits
@@ -83,9 +88,9 @@ def test_temperature_and_logprob_kinds():
 def test_rows_draw_only_from_their_own_generator():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     seeds = [5, 6, 7]
-    together, _, _ = choose_next_tokens(logits, SamplingParams(), [torch.Generator().manual_seed(s) for s in seeds])
+    together, _, _ = choose_next_tokens(logits, SamplingParams(), draws(seeds))
     for i, s in enumerate(seeds):
-        alone, _, _ = choose_next_tokens(logits[i:i + 1], SamplingParams(), [torch.Generator().manual_seed(s)])
+        alone, _, _ = choose_next_tokens(logits[i:i + 1], SamplingParams(), draws([s]))
         assert int(alone) == int(together[i])
 
 
@@ -102,9 +107,26 @@ def test_greedy_respects_min_length_ban():
 def test_filtered_sampling_follows_the_renormalized_distribution():
     probs = torch.tensor([0.1, 0.6, 0.3])
     logits = probs.log().repeat(4000, 1)
-    gens = [torch.Generator().manual_seed(i) for i in range(4000)]
-    tokens, logprobs, sampling_logprobs = choose_next_tokens(logits, SamplingParams(top_k=2), gens)
+    tokens, logprobs, sampling_logprobs = choose_next_tokens(logits, SamplingParams(top_k=2), draws(range(4000)))
     freq = torch.bincount(tokens, minlength=3).float() / 4000
     assert freq[0] == 0 and torch.allclose(freq[1:], torch.tensor([0.6, 0.3]) / 0.9, atol=0.03)
     torch.testing.assert_close(sampling_logprobs, (probs[tokens] / 0.9).log())
     torch.testing.assert_close(logprobs, probs.log()[tokens])
+
+
+def test_row_uniforms_are_each_rows_own_stream():
+    table = row_uniforms([torch.Generator().manual_seed(s) for s in (3, 4)], 5)
+    assert table.shape == (2, 5) and table.dtype == torch.float64
+    for row, seed in zip(table, (3, 4)):
+        assert torch.equal(row, torch.rand(5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    assert ((table >= 0) & (table < 1)).all()
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.8), (5, 0.8), (0, 1.0)])
+def test_temperature_after_the_cut_equals_cutting_scaled_logits(top_k, top_p):
+    z = torch.randn(6, 40, generator=torch.Generator().manual_seed(0)) * 3
+    for t in (0.7, 1.3):
+        values, ids = candidates(z, top_k, top_p, temperature=t)
+        ref_values, ref_ids = candidates(z / t, top_k, top_p)
+        assert torch.equal(values, ref_values)
+        assert (ids is None and ref_ids is None) or torch.equal(ids, ref_ids)
