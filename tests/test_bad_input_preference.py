@@ -94,3 +94,9 @@ def test_scoring_bad_input_writes_nothing(tmp_path, dist_world_of_one):
     proc = run(score, [f"pretrained_checkpoint.restore_from_path={tmp_path}", f"input_file={data}",
                        f"output_file={out}"], check=False)
     assert proc.returncode == 1 and "is not a reward model" in error_line(proc) and not out.exists()
+
+    proc = run(score, [f"pretrained_checkpoint.restore_from_path={tmp_path / 'rm'}", f"input_file={tmp_path}/nope.jsonl",
+                       f"output_file={out}"], check=False)
+    assert proc.returncode == 1 and not out.exists()
+    line = error_line(proc)
+    assert "input_file=" in line and "nope.jsonl not found" in line

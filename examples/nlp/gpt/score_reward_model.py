@@ -34,6 +34,11 @@ def score(cfg) -> None:
             raise ValueError(f"set {key}")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"pretrained_checkpoint.restore_from_path={path} does not exist")
+    if not os.path.isfile(cfg.input_file):
+        raise FileNotFoundError(
+            f"input_file={cfg.input_file} not found; give a JSONL file with one sample per line "
+            '({"text"}, {"prompt", "response"} or a preference pair)'
+        )
     saved = read_reward_model_config(path)
     settings = reward_settings(saved)
     data = saved.get("data") or {}
