@@ -312,8 +312,8 @@ class LeanDecoder:
         return logits
 
     def _rope(self, rows, slots):
-        """cos/sin rows for the tokens at ``(rows, slots)``, shaped to broadcast over
-        ``[..., groups, per + 1, dim]``; ``None`` without rotary embeddings."""
+        """cos/sin rows for the tokens at ``(rows, slots)`` (index tensors or slices), shaped
+        to broadcast over ``[..., groups, per + 1, dim]``; ``None`` without rotary embeddings."""
         if self.cos is None:
             return None
         return self.cos[rows, slots][..., None, None, :], self.sin[rows, slots][..., None, None, :]
@@ -346,9 +346,7 @@ class LeanDecoder:
         slot = self.length
         mask = self.key_bias[:, None, None, : slot + 1] if self.padded else None
         x = self._embed(tokens.unsqueeze(1), self.positions[:, slot:slot + 1])
-        rope = None
-        if self.cos is not None:  # once per step, shared by every layer
-            rope = self.cos[:, slot, None, None, None, :], self.sin[:, slot, None, None, None, :]
+        rope = self._rope(slice(None), slice(slot, slot + 1))  # once per step, for every layer
         x = self._layers(x, lambda layer, i, y: self._attention(layer, i, y, rope, mask))
         self.length = slot + 1
         return self._logits(x[:, -1])
