@@ -15,10 +15,18 @@ Megatron's linear layers, bias-add before the residual add, the model's activati
 gating, Megatron's rotary table, tensor-parallel all-reduces after the row-parallel
 layers, and the output layer's product on the last position only (real vocabulary
 rows; all-gathered under TP). Keys are cached *after* rotary
-embedding (``[B, groups, slots, dim]``, the layout attention reads), so a step touches
-each cached key once. The prefill runs the prompts' real tokens only, packed into one row
-(no products over left padding: about a third of a batch of 16-64-token prompts), and
-scatters their keys and values into the cache.
+embedding, keys and values of a query group side by side (``[B, groups, 2, slots, dim]``),
+so a step touches each cached key once and writes a token's keys and values in one copy.
+The prefill runs the prompts' real tokens only, packed into one row (no products over left
+padding: about a third of a batch of 16-64-token prompts), and scatters their keys and
+values into the cache.
+
+A decoding step is about 30 small kernels per layer whose launch costs as much as their
+arithmetic on CPU, so the step is written to launch few: rotary embedding of queries, keys
+(and, with angle 0, values) in three kernels into one contiguous buffer; the query heads
+of a group attend as the *positions* of one query (``[B, groups, heads per group, dim]``:
+the same scores, no head expansion and no query or output copies); the residual add is
+fused into the row-parallel products (``addmm``) where there is no bias or TP reduction.
 
 :func:`unsupported_reason` lists what it does not model; the engine then falls back to
 :class:`~nemo_aligner.generation.context_decoder.MegatronContextDecoder`. Parity with the
@@ -107,6 +115,16 @@ def _product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     else:
         y = torch.mm(flat, weight.t())
     return y.view(*x.shape[:-1], -1)
+
+
+def _add_product(x: torch.Tensor, a: torch.Tensor, linear) -> torch.Tensor:
+    """``x + linear(a)`` for one token per row (``[B, 1, ...]``): the add is done by the
+    product itself (``addmm``, in the orientation of :func:`_product`) when the layer has no
+    bias and no tensor-parallel reduction between its product and the add."""
+    b = x.shape[0]
+    if linear.group is not None or linear.bias is not None or b > _SMALL_ROWS:
+        return x + linear(a)
+    return torch.addmm(x.reshape(b, -1).t(), linear.weight, a.reshape(b, -1).t()).t().view(b, 1, -1)
 
 
 class _Linear:
@@ -211,21 +229,24 @@ class LeanDecoder:
         b, slots = positions.shape
         dtype, device = self.word_weight.dtype, self.word_weight.device
         first = self.layers[0]
-        shape = (b, first.groups, slots, first.head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers]
-        self.cos = self.sin = None
+        self.per = first.heads // first.groups  # query heads per key/value head
+        shape = (b, first.groups, 2, slots, first.head_dim)
+        self.kv = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.cos = self.sin = self.signed_sin = None
         if model.position_embedding_type == "rope":
             table = model.rotary_pos_emb(slots)[:, 0, 0, :][positions]  # [B, slots, rot]
             # As Megatron does: cos/sin in float32, then cast to the activations' dtype.
             self.cos, self.sin = table.cos().to(dtype), table.sin().to(dtype)
+            half = self.cos.shape[-1] // 2
+            # rotate_half(t) * sin == flip_halves(t) * signed_sin, with the first half negated.
+            self.signed_sin = torch.cat((-self.sin[..., :half], self.sin[..., half:]), dim=-1)
         self.length = 0
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.keys = self.values = None
+        self.kv = None
 
     def _embed(self, tokens, positions):
         if self.embed_group is None:
@@ -252,32 +273,60 @@ class LeanDecoder:
             qk = _rotate(qk, *rope)
         return qkv, qk
 
+    def _rotated(self, qkv, rope):
+        """A contiguous copy of one token's ``qkv`` ``[B, groups, per + 2, dim]`` with the
+        queries and keys rotated (``rope``: :meth:`_step_rope`'s tables, whose value head and
+        unrotated features have angle 0, i.e. cos 1 and sin 0)."""
+        out = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+        if rope is None:
+            return out.copy_(qkv)
+        cos, signed_sin = rope
+        rot = self.cos.shape[-1]
+        half = rot // 2
+        torch.mul(qkv, cos, out=out)
+        out[..., :half].addcmul_(qkv[..., half:rot], signed_sin[..., :half])
+        out[..., half:rot].addcmul_(qkv[..., :half], signed_sin[..., half:rot])
+        return out
+
+    def _step_rope(self, slot):
+        """This step's rotary tables for every row, ``[B, 1, per + 2, dim]`` (cos, signed
+        sin), shared by all layers; ``None`` without rotary embeddings."""
+        if self.cos is None:
+            return None
+        layer, per, rot = self.layers[0], self.per, self.cos.shape[-1]
+        shape = (self.cos.shape[0], 1, per + 2, layer.head_dim)
+        cos = self.cos.new_ones(shape)
+        sin = self.cos.new_zeros(shape)
+        cos[:, 0, : per + 1, :rot] = self.cos[:, slot, None]
+        sin[:, 0, : per + 1, :rot] = self.signed_sin[:, slot, None]
+        return cos, sin
+
     def _attention(self, layer, index, y, rope, mask):
-        """One token per row (``y`` ``[B, 1, h]``) at slot ``self.length``."""
-        b = y.shape[0]
-        per = layer.heads // layer.groups
-        qkv, qk = self._qkv(layer, y, rope)
-        q = qk[:, :, :, :per].reshape(b, 1, layer.heads, layer.head_dim).transpose(1, 2)
+        """One token per row (``y`` ``[B, 1, h]``) at slot ``self.length``. The ``per`` query
+        heads of a group attend as ``per`` query positions over the group's keys (no causal
+        mask among them), which reads each key once and needs no copies of the queries.
+        Returns the attention output ``[B, 1, heads * dim]`` (before the output projection)."""
+        b, per, d = y.shape[0], self.per, layer.head_dim
+        qkv = self._rotated(layer.qkv(y).view(b, layer.groups, per + 2, d), rope)
         slot, end = self.length, self.length + 1
-        self.keys[index][:, :, slot] = qk[:, 0, :, per]
-        self.values[index][:, :, slot] = qkv[:, 0, :, per + 1]
+        kv = self.kv[index]
+        kv[:, :, :, slot] = qkv[:, :, per:]
         out = torch.nn.functional.scaled_dot_product_attention(
-            q, self.keys[index][:, :, :end], self.values[index][:, :, :end],
-            attn_mask=mask, scale=layer.scale, enable_gqa=layer.heads != layer.groups,
+            qkv[:, :, :per], kv[:, :, 0, :end], kv[:, :, 1, :end], attn_mask=mask, scale=layer.scale,
         )
-        return layer.proj(out.transpose(1, 2).reshape(b, 1, layer.heads * layer.head_dim))
+        return out.view(b, 1, layer.heads * d)
 
     def _packed_attention(self, layer, index, y, rope, mask, packed):
         """Prefill attention for the prompts' real tokens only (``y`` ``[1, T, h]``, row
         after row): products over ``T`` rows, keys and values scattered into their cache
-        slots, attention over the padded ``[B, P]`` layout (pad queries see themselves)."""
+        slots, attention over the padded ``[B, P]`` layout (pad queries see themselves);
+        returns the attention output ``[1, T, heads * dim]`` (before the output projection)."""
         rows, slots, (b, p) = packed
         per, d = layer.heads // layer.groups, layer.head_dim
         qkv, qk = self._qkv(layer, y[0], rope)  # [T, groups, per + 2 | per + 1, dim]
-        keys, values = self.keys[index], self.values[index]
-        # Pad slots stay masked but must hold finite values (0 * NaN is NaN).
-        keys[:, :, :p].zero_()
-        values[:, :, :p].zero_()
+        kv = self.kv[index]
+        kv[:, :, :, :p].zero_()  # pad slots stay masked but must hold finite values (0 * NaN is NaN)
+        keys, values = kv[:, :, 0], kv[:, :, 1]
         keys[rows, :, slots] = qk[:, :, per]
         values[rows, :, slots] = qkv[:, :, per + 1]
         q = qk.new_zeros(b, p, layer.heads, d)
@@ -287,21 +336,20 @@ class LeanDecoder:
             attn_mask=mask, is_causal=mask is None, scale=layer.scale,
             enable_gqa=layer.heads != layer.groups,
         )
-        return layer.proj(out.transpose(1, 2)[rows, slots].reshape(1, -1, layer.heads * d))
+        return out.transpose(1, 2)[rows, slots].reshape(1, -1, layer.heads * d)
 
     def _mlp(self, layer, y):
+        """The MLP up to (not including) ``fc2``."""
         h = layer.fc1(y)
         if layer.gated:
             gate, linear = torch.chunk(h, 2, dim=-1)
-            h = layer.activation(gate) * linear
-        else:
-            h = layer.activation(h)
-        return layer.fc2(h)
+            return layer.activation(gate) * linear
+        return layer.activation(h)
 
-    def _layers(self, x, attention):
+    def _layers(self, x, attention, add=lambda x, a, linear: x + linear(a)):
         for index, layer in enumerate(self.layers):
-            x = x + attention(layer, index, layer.input_norm(x))
-            x = x + self._mlp(layer, layer.mlp_norm(x))
+            x = add(x, attention(layer, index, layer.input_norm(x)), layer.proj)
+            x = add(x, self._mlp(layer, layer.mlp_norm(x)), layer.fc2)
         return x
 
     def _logits(self, h):
@@ -346,17 +394,16 @@ class LeanDecoder:
         slot = self.length
         mask = self.key_bias[:, None, None, : slot + 1] if self.padded else None
         x = self._embed(tokens.unsqueeze(1), self.positions[:, slot:slot + 1])
-        rope = self._rope(slice(None), slice(slot, slot + 1))  # once per step, for every layer
-        x = self._layers(x, lambda layer, i, y: self._attention(layer, i, y, rope, mask))
+        rope = self._step_rope(slot)  # once per step, for every layer
+        x = self._layers(x, lambda layer, i, y: self._attention(layer, i, y, rope, mask), _add_product)
         self.length = slot + 1
         return self._logits(x[:, -1])
 
     def keep_rows(self, index: torch.Tensor) -> None:
         """Drop every row not in ``index`` from the batch and the KV cache."""
-        self.keys = [k[index] for k in self.keys]
-        self.values = [v[index] for v in self.values]
+        self.kv = [kv[index] for kv in self.kv]
         self.positions, self.key_valid = self.positions[index], self.key_valid[index]
         self.key_bias = self.key_bias[index]
         self.padded = bool((~self.key_valid).any())
         if self.cos is not None:
-            self.cos, self.sin = self.cos[index], self.sin[index]
+            self.cos, self.sin, self.signed_sin = self.cos[index], self.sin[index], self.signed_sin[index]
