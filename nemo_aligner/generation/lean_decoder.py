@@ -357,7 +357,12 @@ class LeanDecoder:
         logits = _product(self.final_norm(h), self.output_weight)
         if self.output_group is not None:
             logits = gather_from_tensor_model_parallel_region(logits, group=self.output_group)[:, : self.vocab_size]
-        return logits
+        # The product's result is a transposed view; token choice reduces along rows
+        # (log-softmax, argmax, top-k), which on the view runs strided: at 16 x 32000 a
+        # log-softmax takes ~1.0 ms on the view and 0.36 ms after a ~0.5 ms copy, and the
+        # two-stage argmax would copy anyway (greedy generation 14-18% faster at vocabulary
+        # 32000, unchanged at 2048).
+        return logits.contiguous()
 
     def _rope(self, rows, slots):
         """cos/sin rows for the tokens at ``(rows, slots)`` (index tensors or slices), shaped

@@ -9,6 +9,7 @@ from nemo_aligner.generation import SamplingParams
 from nemo_aligner.generation.sampling import (
     candidates,
     choose_next_tokens,
+    first_argmax,
     inverse_cdf_sample,
     mask_end_tokens,
     nucleus,
@@ -130,3 +131,19 @@ def test_temperature_after_the_cut_equals_cutting_scaled_logits(top_k, top_p):
         ref_values, ref_ids = candidates(z / t, top_k, top_p)
         assert torch.equal(values, ref_values)
         assert (ids is None and ref_ids is None) or torch.equal(ids, ref_ids)
+
+
+@pytest.mark.parametrize("vocab", [300, 8192, 32000, 50257])
+def test_first_argmax_is_torchs_argmax_with_ties(vocab):
+    """The two-stage argmax returns the first maximum, ties included: within a chunk,
+    across chunks, in the tail past the last whole chunk, and with -inf rows."""
+    g = torch.Generator().manual_seed(vocab)
+    for _ in range(5):
+        z = torch.randint(0, 30, (8, vocab), generator=g).float()  # many ties everywhere
+        z[0, -1] = 100.0  # the maximum in the tail
+        z[1, 5], z[1, -3] = 100.0, 100.0  # equal maxima in the first chunk and the tail
+        z[2, 130], z[2, 129] = 100.0, 100.0  # equal maxima inside one chunk
+        z[3] = float("-inf")
+        z[3, vocab // 2] = 0.0  # everything masked but one token
+        z[4, -2], z[4, -1] = 100.0, 100.0  # equal maxima inside the tail
+        assert torch.equal(first_argmax(z), z.argmax(dim=-1))
