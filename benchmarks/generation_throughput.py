@@ -3,10 +3,12 @@ against building a fresh engine.
 
 What it runs
 ------------
-Random Llama-shaped models (4 layers, GQA 4/2 heads, fp32), by default two sizes
+Random Llama-shaped models (4 layers, GQA 4/2 heads, fp32), by default three sizes
 (``--sizes``, ``hidden:ffn:vocab``): ``64:176:512``, a test-sized model where per-step
-overhead dominates, and ``256:688:2048``, where each decoding step streams the 16 MB of
-weights through the memory system on both sides. Each is built with ``transformers`` and
+overhead dominates; ``256:688:2048``, where each decoding step streams the 16 MB of
+weights through the memory system on both sides; and ``256:688:32000``, the same layers
+with a real tokenizer's vocabulary, where the output layer's product and the choice of a
+token among 32000 dominate a step. Each is built with ``transformers`` and
 saved with ``save_pretrained``; ours is the same directory imported with
 ``nemo_aligner.checkpoint.hf.import_hf_model`` -- the very same weights on both sides.
 16 prompts of random token ids with lengths drawn uniformly from [16, 64] (seeded), 128 new
@@ -53,7 +55,7 @@ import torch
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="64:176:512,256:688:2048", help="hidden:ffn:vocab,...")
+    p.add_argument("--sizes", default="64:176:512,256:688:2048,256:688:32000", help="hidden:ffn:vocab,...")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
@@ -220,7 +222,7 @@ def main():
     models = {}
     for size in args.sizes.split(","):
         hidden, ffn, vocab = (int(v) for v in size.split(":"))
-        results["sizes"][size], models[f"hidden{hidden}"] = bench_size(args, hidden, ffn, vocab)
+        results["sizes"][size], models[f"hidden{hidden}_vocab{vocab}"] = bench_size(args, hidden, ffn, vocab)
     results["refit"] = bench_refit(args, models)
     if args.json:
         with open(args.json, "w") as f:
