@@ -158,8 +158,8 @@ def _rms_norm(module):
     def norm(x):
         up = x.float()
         eps = module.eps if module.eps is not None else torch.finfo(up.dtype).eps
-        y = up.mul(torch.rsqrt(up.pow(2).mean(dims, keepdim=True).add_(eps)))
-        return (y.mul(weight) if weight is not None else y).type_as(x)
+        y = up * up.pow(2).mean(dims, keepdim=True).add_(eps).rsqrt_()
+        return (y.mul_(weight) if weight is not None else y).type_as(x)
 
     return norm
 
