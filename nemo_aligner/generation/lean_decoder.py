@@ -22,8 +22,8 @@ padding: about a third of a batch of 16-64-token prompts), and scatters their ke
 values into the cache.
 
 A decoding step is about 30 small kernels per layer whose launch costs as much as their
-arithmetic on CPU, so the step is written to launch few: rotary embedding of queries, keys
-(and, with angle 0, values) in three kernels into one contiguous buffer; the query heads
+arithmetic on CPU, so the step is written to launch few: a token's queries, key and value copied into one
+contiguous buffer with the queries and key rotated in place (three kernels); the query heads
 of a group attend as the *positions* of one query (``[B, groups, heads per group, dim]``:
 the same scores, no head expansion and no query or output copies); the residual add is
 fused into the row-parallel products (``addmm``) where there is no bias or TP reduction.
@@ -89,13 +89,26 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Megatron's non-interleaved RoPE on the first ``cos.shape[-1]`` features of ``x``."""
+def _rotated_qkv(qkv: torch.Tensor, per: int, rope) -> torch.Tensor:
+    """A contiguous copy of ``qkv`` ``[..., groups, per + 2, dim]`` (Megatron's fused layout:
+    per group, its ``per`` query heads, one key, one value) with the queries and the key
+    rotated by Megatron's non-interleaved RoPE on the first ``rot`` features.
+
+    ``rope`` is ``(cos, signed_sin)`` ``[..., 1, 1, rot]`` (or ``None``: no rotary embedding).
+    ``t * cos + rotate_half(t) * sin`` is computed as ``t * cos + flip_halves(t) *
+    signed_sin``, where ``signed_sin`` is ``sin`` with its first half negated: one product
+    and two accumulating products, the same roundings as Megatron's formula."""
+    out = qkv.clone(memory_format=torch.contiguous_format)
+    if rope is None:
+        return out
+    cos, signed_sin = rope
     rot = cos.shape[-1]
-    t, rest = x[..., :rot], x[..., rot:]
-    t1, t2 = torch.chunk(t, 2, dim=-1)
-    t = t * cos + torch.cat((-t2, t1), dim=-1) * sin
-    return torch.cat((t, rest), dim=-1) if rest.shape[-1] else t
+    half = rot // 2
+    t, dst = qkv[..., : per + 1, :], out[..., : per + 1, :]
+    torch.mul(t[..., :rot], cos, out=dst[..., :rot])
+    dst[..., :half].addcmul_(t[..., half:rot], signed_sin[..., :half])
+    dst[..., half:rot].addcmul_(t[..., :half], signed_sin[..., half:rot])
+    return out
 
 
 # Up to this many rows a product is computed as ``W @ x^T``: for a few rows against a
@@ -232,14 +245,13 @@ class LeanDecoder:
         self.per = first.heads // first.groups  # query heads per key/value head
         shape = (b, first.groups, 2, slots, first.head_dim)
         self.kv = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers]
-        self.cos = self.sin = self.signed_sin = None
+        self.cos = self.signed_sin = None  # [B, slots, rot] (see _rotated_qkv)
         if model.position_embedding_type == "rope":
             table = model.rotary_pos_emb(slots)[:, 0, 0, :][positions]  # [B, slots, rot]
             # As Megatron does: cos/sin in float32, then cast to the activations' dtype.
-            self.cos, self.sin = table.cos().to(dtype), table.sin().to(dtype)
-            half = self.cos.shape[-1] // 2
-            # rotate_half(t) * sin == flip_halves(t) * signed_sin, with the first half negated.
-            self.signed_sin = torch.cat((-self.sin[..., :half], self.sin[..., half:]), dim=-1)
+            self.cos, sin = table.cos().to(dtype), table.sin().to(dtype)
+            half = sin.shape[-1] // 2
+            self.signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         self.length = 0
 
     def __enter__(self):
@@ -262,52 +274,13 @@ class LeanDecoder:
             x = x + self.embedding.position_embeddings(positions)
         return x
 
-    def _qkv(self, layer, y, rope):
-        """The fused QKV product of ``y`` ``[..., h]``, viewed as ``[..., groups, per + 2,
-        dim]`` (Megatron's layout: per group, its query heads, then one key, one value), and
-        its queries and keys rotated in one go (``[..., groups, per + 1, dim]``)."""
-        per = layer.heads // layer.groups
-        qkv = layer.qkv(y).view(*y.shape[:-1], layer.groups, per + 2, layer.head_dim)
-        qk = qkv[..., : per + 1, :]
-        if rope is not None:
-            qk = _rotate(qk, *rope)
-        return qkv, qk
-
-    def _rotated(self, qkv, rope):
-        """A contiguous copy of one token's ``qkv`` ``[B, groups, per + 2, dim]`` with the
-        queries and keys rotated (``rope``: :meth:`_step_rope`'s tables, whose value head and
-        unrotated features have angle 0, i.e. cos 1 and sin 0)."""
-        out = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-        if rope is None:
-            return out.copy_(qkv)
-        cos, signed_sin = rope
-        rot = self.cos.shape[-1]
-        half = rot // 2
-        torch.mul(qkv, cos, out=out)
-        out[..., :half].addcmul_(qkv[..., half:rot], signed_sin[..., :half])
-        out[..., half:rot].addcmul_(qkv[..., :half], signed_sin[..., half:rot])
-        return out
-
-    def _step_rope(self, slot):
-        """This step's rotary tables for every row, ``[B, 1, per + 2, dim]`` (cos, signed
-        sin), shared by all layers; ``None`` without rotary embeddings."""
-        if self.cos is None:
-            return None
-        layer, per, rot = self.layers[0], self.per, self.cos.shape[-1]
-        shape = (self.cos.shape[0], 1, per + 2, layer.head_dim)
-        cos = self.cos.new_ones(shape)
-        sin = self.cos.new_zeros(shape)
-        cos[:, 0, : per + 1, :rot] = self.cos[:, slot, None]
-        sin[:, 0, : per + 1, :rot] = self.signed_sin[:, slot, None]
-        return cos, sin
-
     def _attention(self, layer, index, y, rope, mask):
         """One token per row (``y`` ``[B, 1, h]``) at slot ``self.length``. The ``per`` query
         heads of a group attend as ``per`` query positions over the group's keys (no causal
         mask among them), which reads each key once and needs no copies of the queries.
         Returns the attention output ``[B, 1, heads * dim]`` (before the output projection)."""
         b, per, d = y.shape[0], self.per, layer.head_dim
-        qkv = self._rotated(layer.qkv(y).view(b, layer.groups, per + 2, d), rope)
+        qkv = _rotated_qkv(layer.qkv(y).view(b, layer.groups, per + 2, d), per, rope)
         slot, end = self.length, self.length + 1
         kv = self.kv[index]
         kv[:, :, :, slot] = qkv[:, :, per:]
@@ -323,16 +296,14 @@ class LeanDecoder:
         returns the attention output ``[1, T, heads * dim]`` (before the output projection)."""
         rows, slots, (b, p) = packed
         per, d = layer.heads // layer.groups, layer.head_dim
-        qkv, qk = self._qkv(layer, y[0], rope)  # [T, groups, per + 2 | per + 1, dim]
+        qkv = _rotated_qkv(layer.qkv(y[0]).view(-1, layer.groups, per + 2, d), per, rope)  # [T, ...]
         kv = self.kv[index]
         kv[:, :, :, :p].zero_()  # pad slots stay masked but must hold finite values (0 * NaN is NaN)
-        keys, values = kv[:, :, 0], kv[:, :, 1]
-        keys[rows, :, slots] = qk[:, :, per]
-        values[rows, :, slots] = qkv[:, :, per + 1]
-        q = qk.new_zeros(b, p, layer.heads, d)
-        q[rows, slots] = qk[:, :, :per].reshape(-1, layer.heads, d)
+        kv[rows, :, :, slots] = qkv[:, :, per:]
+        q = qkv.new_zeros(b, p, layer.heads, d)
+        q[rows, slots] = qkv[:, :, :per].reshape(-1, layer.heads, d)
         out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), keys[:, :, :p], values[:, :, :p],
+            q.transpose(1, 2), kv[:, :, 0, :p], kv[:, :, 1, :p],
             attn_mask=mask, is_causal=mask is None, scale=layer.scale,
             enable_gqa=layer.heads != layer.groups,
         )
@@ -365,11 +336,12 @@ class LeanDecoder:
         return logits.contiguous()
 
     def _rope(self, rows, slots):
-        """cos/sin rows for the tokens at ``(rows, slots)`` (index tensors or slices), shaped
-        to broadcast over ``[..., groups, per + 1, dim]``; ``None`` without rotary embeddings."""
+        """``(cos, signed_sin)`` for the tokens at ``(rows, slots)`` (index tensors, or a slice
+        and a slot), shaped to broadcast over ``[..., groups, per + 1, rot]``; ``None``
+        without rotary embeddings."""
         if self.cos is None:
             return None
-        return self.cos[rows, slots][..., None, None, :], self.sin[rows, slots][..., None, None, :]
+        return self.cos[rows, slots][..., None, None, :], self.signed_sin[rows, slots][..., None, None, :]
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens`` ``[B, P]`` (left-padded) -> last-position logits ``[B, vocab_size]``.
@@ -399,7 +371,7 @@ class LeanDecoder:
         slot = self.length
         mask = self.key_bias[:, None, None, : slot + 1] if self.padded else None
         x = self._embed(tokens.unsqueeze(1), self.positions[:, slot:slot + 1])
-        rope = self._step_rope(slot)  # once per step, for every layer
+        rope = self._rope(slice(None), slot)  # once per step, for every layer
         x = self._layers(x, lambda layer, i, y: self._attention(layer, i, y, rope, mask), _add_product)
         self.length = slot + 1
         return self._logits(x[:, -1])
@@ -411,4 +383,4 @@ class LeanDecoder:
         self.key_bias = self.key_bias[index]
         self.padded = bool((~self.key_valid).any())
         if self.cos is not None:
-            self.cos, self.sin, self.signed_sin = self.cos[index], self.sin[index], self.signed_sin[index]
+            self.cos, self.signed_sin = self.cos[index], self.signed_sin[index]

@@ -78,9 +78,9 @@ def first_argmax(z: torch.Tensor) -> torch.Tensor:
     maximum, the first maximum inside it; the tail past the last whole chunk counts only when
     strictly larger (an earlier equal maximum comes first)."""
     b, v = z.shape
-    n = v // _ARGMAX_CHUNK
     if v < _TWO_STAGE_ARGMAX or z.device.type != "cpu":
         return z.argmax(dim=-1)
+    n = v // _ARGMAX_CHUNK
     main = z[:, : n * _ARGMAX_CHUNK].reshape(b, n, _ARGMAX_CHUNK)
     chunk_max = main.amax(dim=-1)  # [B, n]
     chunk = chunk_max.argmax(dim=-1)
