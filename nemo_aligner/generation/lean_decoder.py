@@ -22,9 +22,9 @@ padding: about a third of a batch of 16-64-token prompts), and scatters their ke
 values into the cache.
 
 A decoding step is about 30 small kernels per layer whose launch costs as much as their
-arithmetic on CPU, so the step is written to launch few: a token's queries, key and value copied into one
-contiguous buffer with the queries and key rotated in place (three kernels after the copy); the query heads
-of a group attend as the *positions* of one query (``[B, groups, heads per group, dim]``:
+arithmetic on CPU, so the step is written to launch few: a token's queries, key and value
+are copied into one contiguous buffer and the queries and key rotated in place (three
+kernels after the copy); the query heads of a group attend as the *positions* of one query (``[B, groups, heads per group, dim]``:
 the same scores, no head expansion and no query or output copies); the residual add is
 fused into the row-parallel products (``addmm``) where there is no bias or TP reduction.
 
