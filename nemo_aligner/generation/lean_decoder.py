@@ -24,9 +24,10 @@ values into the cache.
 A decoding step is about 30 small kernels per layer whose launch costs as much as their
 arithmetic on CPU, so the step is written to launch few: a token's queries, key and value
 are copied into one contiguous buffer and the queries and key rotated in place (three
-kernels after the copy); the query heads of a group attend as the *positions* of one query (``[B, groups, heads per group, dim]``:
-the same scores, no head expansion and no query or output copies); the residual add is
-fused into the row-parallel products (``addmm``) where there is no bias or TP reduction.
+kernels after the copy); the query heads of a group attend as the *positions* of one
+query (``[B, groups, heads per group, dim]``: the same scores, no head expansion and no
+query or output copies); the residual add is fused into the row-parallel products
+(``addmm``) where there is no bias or TP reduction.
 
 :func:`unsupported_reason` lists what it does not model; the engine then falls back to
 :class:`~nemo_aligner.generation.context_decoder.MegatronContextDecoder`. Parity with the
