@@ -6,7 +6,7 @@ import torch
 
 from generation.tiny import GPT2, LLAMA, VOCAB, random_prompts
 from nemo_aligner.generation.context_decoder import MegatronContextDecoder
-from nemo_aligner.generation.lean_decoder import LeanDecoder, _norm, unsupported_reason
+from nemo_aligner.generation.lean_decoder import LeanDecoder, PackedOutputProduct, _norm, unsupported_reason
 
 VARIANTS = {
     "llama": LLAMA,
@@ -102,3 +102,54 @@ def test_engine_falls_back_to_context_decoder(make_model):
     finally:
         model.config.qk_layernorm = False
     assert MegatronEngine(model, vocab_size=VOCAB).decoder == "lean"
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@needs_onednn
+def test_packed_output_product_equals_the_product_and_repacks_for_another_weight():
+    g = torch.Generator().manual_seed(0)
+    weight, other = (torch.randn(8192, 64, generator=g) for _ in range(2))
+    product = PackedOutputProduct()
+    assert product.applies(weight)
+    assert not product.applies(weight[:100]) and not product.applies(weight.bfloat16())
+    for rows in (16, 5, 1):  # the batch shrinks as rows finish
+        x = torch.randn(rows, 64, generator=g)
+        got = product(x, weight)
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, x @ weight.t(), rtol=0, atol=1e-5)
+    packed = product._packed
+    product(x, weight)
+    assert product._packed is packed  # packed once per weight
+    torch.testing.assert_close(product(x, other), x @ other.t(), rtol=0, atol=1e-5)
+
+
+@needs_onednn
+def test_engine_with_packed_output_product_gives_the_same_generation(make_model, monkeypatch):
+    """The packed product on the tiny model's (sliced, 300 of 384 rows) output weight: the
+    same tokens and log-probs as MKL's product, across chunks of one call."""
+    from nemo_aligner.generation import SamplingParams
+    from nemo_aligner.generation.megatron_engine import MegatronEngine
+
+    model = make_model()
+    prompts = random_prompts([5, 11, 1, 8], seed=4)
+    eng = MegatronEngine(model, vocab_size=VOCAB, pad_id=0, decoder="lean", max_batch_size=2)
+    results = {}
+    calls, original = [], PackedOutputProduct.__call__
+
+    def counted(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(PackedOutputProduct, "__call__", counted)
+    for packed in (False, True):
+        monkeypatch.setattr(PackedOutputProduct, "MIN_ROWS", 1 if packed else 1 << 40)
+        for greedy in (True, False):
+            params = SamplingParams(greedy=greedy, temperature=0.8, top_k=20, top_p=0.9, max_new_tokens=32)
+            results[packed, greedy] = eng.generate(prompts, params, seeds=[1, 2, 3, 4])
+    assert len(calls) == 2 * 2 * 32  # 2 calls x 2 chunks x (prefill + 31 steps)
+    for greedy in (True, False):
+        a, b = results[False, greedy], results[True, greedy]
+        assert a.response_ids == b.response_ids
+        torch.testing.assert_close(a.logprobs, b.logprobs, rtol=0, atol=1e-5)
