@@ -14,7 +14,8 @@ sequence of ``TransformerLayer`` with ``SelfAttention`` + :class:`SDPACoreAttent
 Megatron's linear layers, bias-add before the residual add, the model's activation and
 gating, Megatron's rotary table, tensor-parallel all-reduces after the row-parallel
 layers, and the output layer's product on the last position only (real vocabulary
-rows; all-gathered under TP). Keys are cached *after* rotary
+rows; all-gathered under TP; through oneDNN on a packed copy of a large CPU output weight,
+:class:`PackedOutputProduct`). Keys are cached *after* rotary
 embedding, keys and values of a query group side by side (``[B, groups, 2, slots, dim]``),
 so a step touches each cached key once and writes a token's keys and values in one copy.
 The prefill runs the prompts' real tokens only, packed into one row (no products over left
