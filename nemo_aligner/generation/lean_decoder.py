@@ -35,6 +35,8 @@ query or output copies); the residual add is fused into the row-parallel product
 model's own forward is tested for the Llama- and GPT-2-style configurations.
 """
 
+import math
+
 import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -206,11 +208,15 @@ def _rms_norm(module):
     the cast back) from a few plain ops: torch's fused CPU entry point costs several times
     the arithmetic on decoding's ``[B, 1, h]`` inputs."""
     weight, dims = module.weight, tuple(range(-len(module.normalized_shape), 0))
+    # The mean as torch's CPU mean computes it (a sum, then a division by the count), with
+    # the count and eps as 0-dim tensors: a Python number is wrapped into a tensor at
+    # every call (~12 of a norm's ~35 us on decoding inputs).
+    count = torch.tensor(float(math.prod(module.normalized_shape)), dtype=torch.float32)
+    eps = torch.tensor(module.eps if module.eps is not None else torch.finfo(torch.float32).eps, dtype=torch.float32)
 
     def norm(x):
         up = x.float()
-        eps = module.eps if module.eps is not None else torch.finfo(up.dtype).eps
-        y = up * up.pow(2).mean(dims, keepdim=True).add_(eps).rsqrt_()
+        y = up * up.pow(2).sum(dims, keepdim=True).div_(count).add_(eps).rsqrt_()
         return (y.mul_(weight) if weight is not None else y).type_as(x)
 
     return norm

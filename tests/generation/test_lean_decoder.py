@@ -66,12 +66,13 @@ def test_context_decoder_equals_model_forward(make_model):
         torch.testing.assert_close(got[1][i], ref[len(p), :VOCAB], rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("hidden", [64, 688])  # 688: the mean's division is not exact
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_is_bitwise_torchs(dtype):
-    norm = torch.nn.RMSNorm(64, eps=1e-5).to(dtype)
+def test_rms_norm_is_bitwise_torchs(dtype, hidden):
+    norm = torch.nn.RMSNorm(hidden, eps=1e-5).to(dtype)
     with torch.no_grad():
         norm.weight.normal_(generator=torch.Generator().manual_seed(0))
-    for shape in ((16, 1, 64), (3, 37, 64)):
+    for shape in ((16, 1, hidden), (3, 37, hidden)):
         x = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
         assert torch.equal(_norm(norm)(x), norm(x))
 
