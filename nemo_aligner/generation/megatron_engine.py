@@ -243,9 +243,10 @@ class MegatronEngine(RolloutEngine):
             raise GenerationError(f"got {len(seeds)} seeds for {len(ids)} prompts; give one seed per prompt")
         self._check_lengths(ids, params)
         stops = StopStringMatcher(self.tokenizer, params.stop_strings)
-        # The output weight packed once for the whole call (all chunks), where enough steps
-        # repay the reorder (see PackedOutputProduct).
-        output_product = PackedOutputProduct() if params.max_new_tokens >= _PACK_MIN_STEPS else None
+        # The lean decoder's output weight packed once for the whole call (all chunks), where
+        # enough steps repay the reorder (see PackedOutputProduct).
+        packs = self.decoder == "lean" and params.max_new_tokens >= _PACK_MIN_STEPS
+        output_product = PackedOutputProduct() if packs else None
 
         n, width = len(ids), params.max_new_tokens
         tokens = torch.full((n, width), self.pad_id, dtype=torch.long)

@@ -10,7 +10,7 @@ import pytest
 # Run in a fresh interpreter: page faults are counted per process, and after hundreds of
 # tests in the pytest process other threads and a fragmented heap add thousands of them.
 _COUNT_FAULTS = """
-import resource, sys
+import resource
 import torch
 from nemo_aligner.utils.host_memory import keep_freed_memory
 
@@ -19,8 +19,7 @@ def training_like_step():
     buffers = [torch.empty(n << 20, dtype=torch.uint8).fill_(1) for n in (3, 11, 2, 6, 11, 4)]
     del buffers
 
-if sys.argv[1] == "tuned":
-    assert keep_freed_memory()
+assert keep_freed_memory()
 training_like_step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
@@ -29,10 +28,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def faults(setting: str) -> int:
-    run = subprocess.run(
-        [sys.executable, "-c", _COUNT_FAULTS, setting], capture_output=True, text=True, check=True
-    )
+def faults_with_the_settings() -> int:
+    run = subprocess.run([sys.executable, "-c", _COUNT_FAULTS], capture_output=True, text=True, check=True)
     return int(run.stdout.split()[-1])
 
 
@@ -41,4 +38,4 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
     # Measured in fresh processes: glibc's defaults fault in 10,000-62,000 pages (4 KiB)
     # over the 10 steps (how much of each step's 37 MiB depends on its adaptive mmap
     # threshold); with the settings 0-1,024. One step is ~9,500 pages.
-    assert faults("tuned") < 3000
+    assert faults_with_the_settings() < 3000
