@@ -22,13 +22,15 @@ The prefill runs the prompts' real tokens only, packed into one row (no products
 padding: about a third of a batch of 16-64-token prompts), and scatters their keys and
 values into the cache.
 
-A decoding step is about 30 small kernels per layer whose launch costs as much as their
-arithmetic on CPU, so the step is written to launch few: a token's queries, key and value
-are copied into one contiguous buffer and the queries and key rotated in place (three
-kernels after the copy); the query heads of a group attend as the *positions* of one
+A decoding step is about 20 small kernels per layer whose launch costs as much as their
+arithmetic on CPU, and so does making a view or a new tensor; so the step launches few and
+makes few (:class:`_StepPlan`): its products write into buffers made once per batch, the
+residual add is done by the row-parallel products themselves (``addmm_``) where there is no
+bias or TP reduction, the views it reads through are made once, and a token's queries, key
+and value are copied into one contiguous buffer and the queries and key rotated there
+(three kernels after the copy); the query heads of a group attend as the *positions* of one
 query (``[B, groups, heads per group, dim]``: the same scores, no head expansion and no
-query or output copies); the residual add is fused into the row-parallel products
-(``addmm``) where there is no bias or TP reduction.
+query or output copies).
 
 :func:`unsupported_reason` lists what it does not model; the engine then falls back to
 :class:`~nemo_aligner.generation.context_decoder.MegatronContextDecoder`. Parity with the
@@ -93,25 +95,38 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def _rotated_qkv(qkv: torch.Tensor, per: int, rope) -> torch.Tensor:
-    """A contiguous copy of ``qkv`` ``[..., groups, per + 2, dim]`` (Megatron's fused layout:
-    per group, its ``per`` query heads, one key, one value) with the queries and the key
-    rotated by Megatron's non-interleaved RoPE on the first ``rot`` features.
+class _Rotation:
+    """Megatron's non-interleaved RoPE on the first ``rot`` features of the queries and key
+    of ``src`` ``[..., groups, per + 2, dim]`` (Megatron's fused layout: per group, its
+    ``per`` query heads, one key, one value), written into the same places of ``dst``; the
+    views are made once, so a decoding step applies it in three kernels.
 
-    ``rope`` is ``(cos, signed_sin)`` ``[..., 1, 1, rot]`` (or ``None``: no rotary embedding).
     ``t * cos + rotate_half(t) * sin`` is computed as ``t * cos + flip_halves(t) *
     signed_sin``, where ``signed_sin`` is ``sin`` with its first half negated: one product
     and two accumulating products, the same roundings as Megatron's formula."""
+
+    def __init__(self, src: torch.Tensor, dst: torch.Tensor, per: int, rot: int):
+        half = rot // 2
+        src, dst = src[..., : per + 1, :], dst[..., : per + 1, :]
+        self.src, self.dst = src[..., :rot], dst[..., :rot]
+        self.src_lo, self.src_hi = src[..., :half], src[..., half:rot]
+        self.dst_lo, self.dst_hi = dst[..., :half], dst[..., half:rot]
+
+    def __call__(self, rope) -> None:
+        """``rope``: ``(cos, sin_lo, sin_hi)`` broadcasting over ``[..., groups, per + 1, rot]``
+        (``sin_lo`` / ``sin_hi``: the two halves of ``signed_sin``)."""
+        cos, sin_lo, sin_hi = rope
+        torch.mul(self.src, cos, out=self.dst)
+        self.dst_lo.addcmul_(self.src_hi, sin_lo)
+        self.dst_hi.addcmul_(self.src_lo, sin_hi)
+
+
+def _rotated_qkv(qkv: torch.Tensor, per: int, rope) -> torch.Tensor:
+    """A contiguous copy of ``qkv`` ``[..., groups, per + 2, dim]`` with the queries and the
+    key rotated (:class:`_Rotation`; ``rope`` ``None``: no rotary embedding)."""
     out = qkv.clone(memory_format=torch.contiguous_format)
-    if rope is None:
-        return out
-    cos, signed_sin = rope
-    rot = cos.shape[-1]
-    half = rot // 2
-    t, dst = qkv[..., : per + 1, :], out[..., : per + 1, :]
-    torch.mul(t[..., :rot], cos, out=dst[..., :rot])
-    dst[..., :half].addcmul_(t[..., half:rot], signed_sin[..., :half])
-    dst[..., half:rot].addcmul_(t[..., :half], signed_sin[..., half:rot])
+    if rope is not None:
+        _Rotation(qkv, out, per, rope[0].shape[-1])(rope)
     return out
 
 
@@ -120,7 +135,9 @@ def _rotated_qkv(qkv: torch.Tensor, per: int, rope) -> torch.Tensor:
 # ``x @ W^T`` on this machine class (measured on AVX2 CPUs: 17 decoding-step products of a
 # hidden-256 model with 16 rows, 1.8 ms against 3.7 ms), and the result is a transposed view
 # whose transpose feeds the next product contiguously. Past a few hundred rows (prefill)
-# the usual orientation is as fast or faster.
+# the usual orientation is as fast or faster. Decoding steps always take this orientation
+# (their activations stay transposed, see _StepPlan; batches of over 512 rows are rare in
+# generation, and on GPUs both orientations run alike).
 _SMALL_ROWS = 512
 
 
@@ -132,16 +149,6 @@ def _product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     else:
         y = torch.mm(flat, weight.t())
     return y.view(*x.shape[:-1], -1)
-
-
-def _add_product(x: torch.Tensor, a: torch.Tensor, linear) -> torch.Tensor:
-    """``x + linear(a)`` for one token per row (``[B, 1, ...]``): the add is done by the
-    product itself (``addmm``, in the orientation of :func:`_product`) when the layer has no
-    bias and no tensor-parallel reduction between its product and the add."""
-    b = x.shape[0]
-    if linear.group is not None or linear.bias is not None or b > _SMALL_ROWS:
-        return x + linear(a)
-    return torch.addmm(x.reshape(b, -1).t(), linear.weight, a.reshape(b, -1).t()).t().view(b, 1, -1)
 
 
 class PackedOutputProduct:
@@ -215,9 +222,12 @@ def _rms_norm(module):
     eps = torch.tensor(module.eps if module.eps is not None else torch.finfo(torch.float32).eps, dtype=torch.float32)
 
     def norm(x):
-        up = x.float()
-        y = up * up.pow(2).sum(dims, keepdim=True).div_(count).add_(eps).rsqrt_()
-        return (y.mul_(weight) if weight is not None else y).type_as(x)
+        up = x if x.dtype == torch.float32 else x.float()
+        # eps + sum / count in one kernel (addcdiv: the same two roundings as div then add).
+        y = up * torch.addcdiv(eps, up.pow(2).sum(dims, keepdim=True), count).rsqrt_()
+        if weight is not None:
+            y.mul_(weight)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     return norm
 
@@ -247,6 +257,75 @@ class _Layer:
         self.scale = attn.core_attention.softmax_scale
         self.activation = layer.config.activation_func
         self.gated = layer.config.gated_linear_unit
+
+
+def _product_into(linear: _Linear, x_t: torch.Tensor, out_t: torch.Tensor) -> None:
+    """``out_t = (x @ W^T + b)^T`` for a column-parallel layer, from and into transposed
+    activations (``x_t`` ``[in, B]``, ``out_t`` ``[out, B]``)."""
+    torch.mm(linear.weight, x_t, out=out_t)
+    if linear.bias is not None:
+        out_t.add_(linear.bias.unsqueeze(1))
+
+
+class _LayerBuffers:
+    """A layer's decoding-step buffers and the views the step reads and writes through
+    (see :class:`_StepPlan`)."""
+
+    def __init__(self, layer: _Layer, kv: torch.Tensor, per: int, rot: int, like: torch.Tensor):
+        b, g, d = kv.shape[0], layer.groups, layer.head_dim
+        self.qkv_t = like.new_empty(layer.qkv.weight.shape[0], b)  # the product's result
+        self.qkv = self.qkv_t.t().view(b, g, per + 2, d)  # Megatron's fused layout, per row
+        self.rotated = like.new_empty(b, g, per + 2, d)
+        self.rotation = _Rotation(self.qkv, self.rotated, per, rot) if rot else None
+        self.queries, self.new_kv = self.rotated[:, :, :per], self.rotated[:, :, per:]
+        self.kv, self.keys, self.values = kv, kv[:, :, 0], kv[:, :, 1]
+        self.h1_t = like.new_empty(layer.fc1.weight.shape[0], b)
+        self.h1 = self.h1_t.t()
+        if layer.gated:
+            self.gate, self.linear = torch.chunk(self.h1, 2, dim=-1)
+
+
+class _StepPlan:
+    """Everything a decoding step of a batch of ``B`` rows writes into, made once (and again
+    when the batch shrinks), with the views it reads through.
+
+    Why: a step is ~20 small kernels per layer, and on CPU making a view or a new tensor
+    costs about as much as a small kernel (2-5 us each: ~200 views a step in a hidden-256,
+    4-layer model, over a tenth of the step). Products write into their buffers (``out=``),
+    the row-parallel products accumulate into the residual stream in place (``addmm_``),
+    and the slices of the rotation, the attention's operands, the mask and the rotary
+    table are views made here; a step then makes only the views that move with the slot
+    (the rotary table's row, the cache's length, the slot's keys and values) and the
+    outputs of the norms, the attention and the activation.
+
+    The residual stream is kept transposed, ``[h, B]``: ``W @ x^T`` products (see
+    :data:`_SMALL_ROWS`) give their results in that layout and take the next product's
+    input in it; the norms read it through the transposed view ``[B, h]``.
+    """
+
+    def __init__(self, decoder: "LeanDecoder"):
+        like = decoder.word_weight
+        b, h = decoder.positions.shape[0], like.shape[1]
+        self.residual_t = like.new_empty(h, b)
+        self.residual = self.residual_t.t()
+        self.key_bias = decoder.key_bias[:, None, None, :]
+        self.rope = None if decoder.rope_table is None else tuple(t[:, :, None, None, :] for t in decoder.rope_table)
+        rot = 0 if decoder.rope_table is None else decoder.rope_table[0].shape[-1]
+        self.layers = [_LayerBuffers(layer, kv, decoder.per, rot, like) for layer, kv in zip(decoder.layers, decoder.kv)]
+
+    def accumulate(self, linear: _Linear, a_t: torch.Tensor) -> None:
+        """``residual += linear(a)`` for a row-parallel layer, ``a_t`` ``[in, B]``: the add is
+        done by the product itself (``addmm_``) when the layer has no bias and no
+        tensor-parallel reduction between its product and the add."""
+        if linear.group is None and linear.bias is None:
+            self.residual_t.addmm_(linear.weight, a_t)
+            return
+        y = torch.mm(linear.weight, a_t)
+        if linear.group is not None:
+            dist.all_reduce(y, group=linear.group)
+        if linear.bias is not None:
+            y.add_(linear.bias.unsqueeze(1))
+        self.residual_t.add_(y)
 
 
 class LeanDecoder:
@@ -296,20 +375,22 @@ class LeanDecoder:
         self.per = first.heads // first.groups  # query heads per key/value head
         shape = (b, first.groups, 2, slots, first.head_dim)
         self.kv = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers]
-        self.cos = self.signed_sin = None  # [B, slots, rot] (see _rotated_qkv)
+        # (cos, sin_lo, sin_hi) [B, slots, rot or rot / 2]: see _Rotation; None without RoPE.
+        self.rope_table = None
         if model.position_embedding_type == "rope":
             table = model.rotary_pos_emb(slots)[:, 0, 0, :][positions]  # [B, slots, rot]
             # As Megatron does: cos/sin in float32, then cast to the activations' dtype.
-            self.cos, sin = table.cos().to(dtype), table.sin().to(dtype)
+            cos, sin = table.cos().to(dtype), table.sin().to(dtype)
             half = sin.shape[-1] // 2
-            self.signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+            self.rope_table = (cos, -sin[..., :half], sin[..., half:])
+        self._plan = None  # the step's buffers (_StepPlan), made at the first step
         self.length = 0
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.kv = None
+        self.kv = self._plan = None
 
     def _embed(self, tokens, positions):
         if self.embed_group is None:
@@ -324,21 +405,6 @@ class LeanDecoder:
         if self.embedding.add_position_embedding:
             x = x + self.embedding.position_embeddings(positions)
         return x
-
-    def _attention(self, layer, index, y, rope, mask):
-        """One token per row (``y`` ``[B, 1, h]``) at slot ``self.length``. The ``per`` query
-        heads of a group attend as ``per`` query positions over the group's keys (no causal
-        mask among them), which reads each key once and needs no copies of the queries.
-        Returns the attention output ``[B, 1, heads * dim]`` (before the output projection)."""
-        b, per, d = y.shape[0], self.per, layer.head_dim
-        qkv = _rotated_qkv(layer.qkv(y).view(b, layer.groups, per + 2, d), per, rope)
-        slot, end = self.length, self.length + 1
-        kv = self.kv[index]
-        kv[:, :, :, slot] = qkv[:, :, per:]
-        out = torch.nn.functional.scaled_dot_product_attention(
-            qkv[:, :, :per], kv[:, :, 0, :end], kv[:, :, 1, :end], attn_mask=mask, scale=layer.scale,
-        )
-        return out.view(b, 1, layer.heads * d)
 
     def _packed_attention(self, layer, index, y, rope, mask, packed):
         """Prefill attention for the prompts' real tokens only (``y`` ``[1, T, h]``, row
@@ -368,10 +434,10 @@ class LeanDecoder:
             return layer.activation(gate) * linear
         return layer.activation(h)
 
-    def _layers(self, x, attention, add=lambda x, a, linear: x + linear(a)):
+    def _layers(self, x, attention):
         for index, layer in enumerate(self.layers):
-            x = add(x, attention(layer, index, layer.input_norm(x)), layer.proj)
-            x = add(x, self._mlp(layer, layer.mlp_norm(x)), layer.fc2)
+            x = x + layer.proj(attention(layer, index, layer.input_norm(x)))
+            x = x + layer.fc2(self._mlp(layer, layer.mlp_norm(x)))
         return x
 
     def _logits(self, h):
@@ -391,12 +457,11 @@ class LeanDecoder:
         return logits.contiguous()
 
     def _rope(self, rows, slots):
-        """``(cos, signed_sin)`` for the tokens at ``(rows, slots)`` (index tensors, or a slice
-        and a slot), shaped to broadcast over ``[..., groups, per + 1, rot]``; ``None``
-        without rotary embeddings."""
-        if self.cos is None:
+        """``(cos, sin_lo, sin_hi)`` for the tokens at ``(rows, slots)`` (index tensors), shaped
+        to broadcast over ``[T, groups, per + 1, rot]``; ``None`` without rotary embeddings."""
+        if self.rope_table is None:
             return None
-        return self.cos[rows, slots][..., None, None, :], self.signed_sin[rows, slots][..., None, None, :]
+        return tuple(t[rows, slots][..., None, None, :] for t in self.rope_table)
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens`` ``[B, P]`` (left-padded) -> last-position logits ``[B, vocab_size]``.
@@ -422,20 +487,49 @@ class LeanDecoder:
         return self._logits(x[0, last])
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row (``[B]``) at the next slot -> logits ``[B, vocab_size]``."""
-        slot = self.length
-        mask = self.key_bias[:, None, None, : slot + 1] if self.padded else None
-        x = self._embed(tokens.unsqueeze(1), self.positions[:, slot:slot + 1])
-        rope = self._rope(slice(None), slot)  # once per step, for every layer
-        x = self._layers(x, lambda layer, i, y: self._attention(layer, i, y, rope, mask), _add_product)
-        self.length = slot + 1
-        return self._logits(x[:, -1])
+        """Feed one token per row (``[B]``) at the next slot -> logits ``[B, vocab_size]``.
+
+        Runs on the buffers and views of :class:`_StepPlan`; the residual stream is kept
+        transposed (``[h, B]``), as the ``W @ x^T`` products take and give it."""
+        plan = self._plan
+        if plan is None:
+            plan = self._plan = _StepPlan(self)
+        slot, end = self.length, self.length + 1
+        mask = plan.key_bias.narrow(-1, 0, end) if self.padded else None
+        rope = None if plan.rope is None else tuple(t.select(1, slot) for t in plan.rope)  # once for all layers
+        positions = self.positions[:, slot:end] if self.embedding.add_position_embedding else None
+        x = self._embed(tokens.unsqueeze(1), positions).view(tokens.shape[0], -1)  # [B, h]
+        plan.residual_t.copy_(x.t())
+        res, b = plan.residual, tokens.shape[0]
+        for index, (layer, buf) in enumerate(zip(self.layers, plan.layers)):
+            # Layer 0 normalizes the embeddings themselves: the same memory layout, hence
+            # the same summation order, as the prefill's and the model's forward.
+            y = layer.input_norm(x if index == 0 else res)
+            _product_into(layer.qkv, y.t(), buf.qkv_t)
+            buf.rotated.copy_(buf.qkv)
+            if rope is not None:
+                buf.rotation(rope)
+            buf.kv.select(3, slot).copy_(buf.new_kv)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                buf.queries, buf.keys.narrow(2, 0, end), buf.values.narrow(2, 0, end),
+                attn_mask=mask, scale=layer.scale,
+            )
+            plan.accumulate(layer.proj, out.view(b, -1).t())
+            _product_into(layer.fc1, layer.mlp_norm(res).t(), buf.h1_t)
+            if layer.gated:
+                a = layer.activation(buf.gate) * buf.linear
+            else:
+                a = layer.activation(buf.h1)
+            plan.accumulate(layer.fc2, a.t())
+        self.length = end
+        return self._logits(res)
 
     def keep_rows(self, index: torch.Tensor) -> None:
         """Drop every row not in ``index`` from the batch and the KV cache."""
         self.kv = [kv[index] for kv in self.kv]
+        self._plan = None  # remade for the smaller batch at the next step
         self.positions, self.key_valid = self.positions[index], self.key_valid[index]
         self.key_bias = self.key_bias[index]
         self.padded = bool((~self.key_valid).any())
-        if self.cos is not None:
-            self.cos, self.signed_sin = self.cos[index], self.signed_sin[index]
+        if self.rope_table is not None:
+            self.rope_table = tuple(t[index] for t in self.rope_table)

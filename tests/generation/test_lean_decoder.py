@@ -27,6 +27,16 @@ def slots_for(lengths, extra):
     return (slot[None] - pad[:, None]).clamp(min=0), slot[None] >= pad[:, None]
 
 
+def left_padded(prompts, extra):
+    """``(tokens [B, P], positions, key_valid)`` for ``prompts`` and ``extra`` steps, as
+    the engine lays them out."""
+    width = max(len(p) for p in prompts)
+    tokens = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, width - len(p):] = torch.tensor(p)
+    return (tokens, *slots_for([len(p) for p in prompts], extra))
+
+
 @pytest.mark.parametrize("lengths", [[6, 3, 9], [5, 5, 5], [1, 7, 2]], ids=["padded", "unpadded", "one_token"])
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 @torch.no_grad()
@@ -36,11 +46,7 @@ def test_prefill_and_steps_equal_model_forward(make_model, name, lengths):
     assert unsupported_reason(model) is None
     prompts = random_prompts(lengths, seed=1)
     continuation = random_prompts([4, 4, 4], seed=2)
-    positions, key_valid = slots_for([len(p) for p in prompts], 4)
-    width = max(len(p) for p in prompts)
-    tokens = torch.zeros(3, width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, width - len(p):] = torch.tensor(p)
+    tokens, positions, key_valid = left_padded(prompts, 4)
     with LeanDecoder(model, positions, key_valid, VOCAB) as dec:
         got = [dec.prefill(tokens)] + [dec.step(torch.tensor([c[t] for c in continuation])) for t in range(4)]
     for i, p in enumerate(prompts):
@@ -48,6 +54,40 @@ def test_prefill_and_steps_equal_model_forward(make_model, name, lengths):
         ref = model(torch.tensor([seq]), torch.arange(len(seq)).unsqueeze(0), attention_mask=None)[0]
         for t in range(5):
             torch.testing.assert_close(got[t][i], ref[len(p) - 1 + t, :VOCAB], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "bias_relu_mha", "gpt2"])
+@torch.no_grad()
+def test_steps_reuse_their_buffers_and_remake_them_for_kept_rows(make_model, name):
+    """A step writes into the buffers made at the first step (no per-step products'
+    allocations); after ``keep_rows`` they are made anew for the smaller batch, and the
+    kept rows' logits still equal the model's forward."""
+    model = make_model(VARIANTS[name]).eval()
+    prompts = random_prompts([4, 7, 2], seed=5)
+    continuation = random_prompts([5, 5, 5], seed=6)
+    tokens, positions, key_valid = left_padded(prompts, 5)
+    kept = [2, 0]
+    with LeanDecoder(model, positions, key_valid, VOCAB) as dec:
+        dec.prefill(tokens)
+        got = {i: [] for i in range(3)}
+        pointers = set()
+        for t in range(2):
+            logits = dec.step(torch.tensor([c[t] for c in continuation]))
+            pointers.add((dec._plan.residual_t.data_ptr(), dec._plan.layers[0].qkv_t.data_ptr()))
+            for i in range(3):
+                got[i].append(logits[i])
+        assert len(pointers) == 1 and dec._plan.residual_t.shape == (64, 3)
+        dec.keep_rows(torch.tensor(kept))
+        for t in range(2, 5):
+            logits = dec.step(torch.tensor([continuation[i][t] for i in kept]))
+            for row, i in enumerate(kept):
+                got[i].append(logits[row])
+        assert dec._plan.residual_t.shape == (64, 2)
+    for i in range(3):
+        seq = prompts[i] + continuation[i]
+        ref = model(torch.tensor([seq]), torch.arange(len(seq)).unsqueeze(0), attention_mask=None)[0]
+        for t, logits in enumerate(got[i]):
+            torch.testing.assert_close(logits, ref[len(prompts[i]) + t, :VOCAB], rtol=0, atol=2e-5)
 
 
 @torch.no_grad()
