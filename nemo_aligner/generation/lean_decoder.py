@@ -209,6 +209,16 @@ class _Linear:
             y = y + self.bias
         return y
 
+    def transposed(self, x_t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The same on transposed activations, ``x_t`` ``[in, B]`` -> ``[out, B]`` (decoding
+        steps, see :class:`_StepPlan`), into ``out`` when given."""
+        y_t = torch.mm(self.weight, x_t, out=out)
+        if self.group is not None:
+            dist.all_reduce(y_t, group=self.group)
+        if self.bias is not None:
+            y_t.add_(self.bias.unsqueeze(1))
+        return y_t
+
 
 def _rms_norm(module):
     """``torch.nn.RMSNorm``'s result (bit for bit, float32 statistics, weight applied before
@@ -257,14 +267,6 @@ class _Layer:
         self.scale = attn.core_attention.softmax_scale
         self.activation = layer.config.activation_func
         self.gated = layer.config.gated_linear_unit
-
-
-def _product_into(linear: _Linear, x_t: torch.Tensor, out_t: torch.Tensor) -> None:
-    """``out_t = (x @ W^T + b)^T`` for a column-parallel layer, from and into transposed
-    activations (``x_t`` ``[in, B]``, ``out_t`` ``[out, B]``)."""
-    torch.mm(linear.weight, x_t, out=out_t)
-    if linear.bias is not None:
-        out_t.add_(linear.bias.unsqueeze(1))
 
 
 class _LayerBuffers:
@@ -322,13 +324,8 @@ class _StepPlan:
         tensor-parallel reduction between its product and the add."""
         if linear.group is None and linear.bias is None:
             self.residual_t.addmm_(linear.weight, a_t)
-            return
-        y = torch.mm(linear.weight, a_t)
-        if linear.group is not None:
-            dist.all_reduce(y, group=linear.group)
-        if linear.bias is not None:
-            y.add_(linear.bias.unsqueeze(1))
-        self.residual_t.add_(y)
+        else:
+            self.residual_t.add_(linear.transposed(a_t))
 
 
 class LeanDecoder:
@@ -508,7 +505,7 @@ class LeanDecoder:
             # Layer 0 normalizes the embeddings themselves: the same memory layout, hence
             # the same summation order, as the prefill's and the model's forward.
             y = layer.input_norm(x if index == 0 else res)
-            _product_into(layer.qkv, y.t(), buf.qkv_t)
+            layer.qkv.transposed(y.t(), out=buf.qkv_t)
             if rope is None:
                 buf.rotated.copy_(buf.qkv)
             else:
@@ -520,7 +517,7 @@ class LeanDecoder:
                 attn_mask=mask, scale=layer.scale,
             )
             plan.accumulate(layer.proj, out.view(b, -1).t())
-            _product_into(layer.fc1, layer.mlp_norm(res).t(), buf.h1_t)
+            layer.fc1.transposed(layer.mlp_norm(res).t(), out=buf.h1_t)
             if layer.gated:
                 a = layer.activation(buf.gate) * buf.linear
             else:
