@@ -108,7 +108,7 @@ def build_engine(cfg, model, model_cfg, tokenizer):
 
 def generate_jsonl(cfg) -> int:
     """Run the whole job; returns the number of lines written (on every rank)."""
-    from nemo_aligner.utils.setup import build_tokenizer
+    from nemo_aligner.utils.setup import build_tokenizer, init_distributed
 
     input_file, output_file = cfg_get(cfg, "input_file", None), cfg_get(cfg, "output_file", None)
     if input_file is None or output_file is None:
@@ -119,8 +119,7 @@ def generate_jsonl(cfg) -> int:
             "and more processes for data parallelism)"
         )
     params = sampling_params(cfg)
-    distributed.initialize(tensor_model_parallel_size=int(cfg_get(cfg, "model.tensor_model_parallel_size", 1)),
-                           seed=int(cfg_get(cfg, "seed", 1234)))
+    init_distributed(cfg)  # as the trainers do, with freed host memory kept for reuse on CPU
     tokenizer, _ = build_tokenizer(cfg)
     lines, prompts = read_prompts(input_file, tokenizer, bool(cfg_get(cfg, "add_bos", False)))
     model, model_cfg = load_model(cfg)

@@ -89,13 +89,16 @@ def set_vocab_size(model_cfg: dict, tokenizer) -> int:
 
 
 def init_distributed(cfg) -> None:
+    """Distributed state and model-parallel groups from ``cfg``'s layout (``model.num_layers``
+    may be unset, as for a Hugging Face source whose depth is read later)."""
     if needs_cpu_support():
         keep_freed_memory()  # activations live in host memory: reuse it, don't page it in again
+    num_layers = cfg_get(cfg, "model.num_layers", None)
     distributed.initialize(
         tensor_model_parallel_size=int(cfg_get(cfg, "model.tensor_model_parallel_size", 1)),
         pipeline_model_parallel_size=int(cfg_get(cfg, "model.pipeline_model_parallel_size", 1)),
         seed=int(cfg_get(cfg, "seed", 1234)),
-        num_layers=int(cfg_get(cfg, "model.num_layers")),
+        num_layers=None if num_layers is None else int(num_layers),
     )
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 # Run in a fresh interpreter: page faults are counted per process, and after hundreds of
 # tests in the pytest process other threads and a fragmented heap add thousands of them.
@@ -39,3 +40,25 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
     # over the 10 steps (how much of each step's 37 MiB depends on its adaptive mmap
     # threshold); with the settings 0-1,024. One step is ~9,500 pages.
     assert faults_with_the_settings() < 3000
+
+
+class _Applied(Exception):
+    pass
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the settings are for CPU runs")
+def test_training_and_generation_entry_points_apply_the_settings_first(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from nemo_aligner.generation.jsonl_generate import generate_jsonl
+    from nemo_aligner.utils import setup
+
+    def applied():
+        raise _Applied
+
+    monkeypatch.setattr(setup, "keep_freed_memory", applied)
+    cfg = OmegaConf.create({"input_file": "in.jsonl", "output_file": "out.jsonl", "model": {"num_layers": 2}})
+    with pytest.raises(_Applied):
+        setup.init_distributed(cfg)  # the trainers' setup
+    with pytest.raises(_Applied):
+        generate_jsonl(cfg)  # before the model and its activations are allocated
