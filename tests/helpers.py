@@ -1,11 +1,15 @@
 """Helpers for tests: run the real entry points as subprocesses (python or torchrun); a
 character-level tokenizer for data tests."""
 
+import atexit
 import json
 import os
+import select
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from nemo_aligner.data.tokenizers import Tokenizer
@@ -36,14 +40,71 @@ def _env():
     return env
 
 
+class _ForkServer:
+    """The client of ``forkserver.py``: single-process runs forked from one interpreter that
+    has done their imports (see there). ``NEMO_TEST_FORKSERVER=0`` runs every script as its
+    own ``python`` process instead."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("forkserver.py"))], cwd=ROOT, env=_env(),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0,
+        )
+        self._pending = b""
+        self._reply()  # ready
+        atexit.register(self.proc.kill)
+
+    def _reply(self, timeout=None) -> dict:
+        """The server's next JSON line; TimeoutError after ``timeout`` seconds without one."""
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._pending:
+            if not select.select([fd], [], [], timeout)[0]:
+                raise TimeoutError
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise RuntimeError("the test fork server exited")
+            self._pending += chunk
+        line, self._pending = self._pending.split(b"\n", 1)
+        return json.loads(line)
+
+    def run(self, cmd, timeout):
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            request = {"script": cmd[1], "args": cmd[2:], "stdout": str(out), "stderr": str(err),
+                       "cwd": str(ROOT), "env": _env()}
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
+            pid = self._reply()["pid"]
+            try:
+                returncode = self._reply(timeout)["returncode"]
+            except TimeoutError:
+                os.kill(pid, signal.SIGKILL)
+                self._reply()
+                raise subprocess.TimeoutExpired(cmd, timeout, out.read_text(), err.read_text()) from None
+            return subprocess.CompletedProcess(cmd, returncode, out.read_text(), err.read_text())
+
+
+_fork_server = None
+
+
+def _single_process(cmd, timeout):
+    global _fork_server
+    if os.environ.get("NEMO_TEST_FORKSERVER", "1") == "0":
+        return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if _fork_server is None or _fork_server.proc.poll() is not None:
+        _fork_server = _ForkServer()
+    return _fork_server.run(cmd, timeout)
+
+
 def run(script, args, nproc: int = 1, timeout: int = 600, check: bool = True):
-    """Run ``script`` with ``args`` (torchrun when ``nproc > 1``); returns CompletedProcess."""
+    """Run ``script`` with ``args`` (torchrun when ``nproc > 1``, else as ``python script``
+    through the fork server); returns CompletedProcess."""
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                f"--master-port={_free_port()}", str(script), *args]
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
     else:
         cmd = [sys.executable, str(script), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+        proc = _single_process(cmd, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
