@@ -50,7 +50,7 @@ def _child(request) -> None:
 
 def serve() -> None:
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # import-time notices; each child's own run prints its own
+        warnings.simplefilter("ignore")  # the imports' notices (Apex, Transformer Engine): not errors
         for name in PRELOAD:
             importlib.import_module(name)
     tasks = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1  # native threads too

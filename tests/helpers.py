@@ -1,5 +1,6 @@
-"""Helpers for tests: run the real entry points as subprocesses (python or torchrun); a
-character-level tokenizer for data tests."""
+"""Helpers for tests: run the real entry points in their own processes (torchrun, or a child
+of the fork server that runs the script as ``python`` would); a character-level tokenizer
+for data tests."""
 
 import atexit
 import json
