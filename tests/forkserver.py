@@ -20,12 +20,13 @@ import os
 import runpy
 import sys
 import threading
-import warnings
 
+# The package first, as the entry points import it: it imports Megatron-Core its own way
+# (torch.compile deferred) and sets its warning filters, which the children then inherit.
 PRELOAD = (
-    "torch", "megatron.core", "hydra", "omegaconf", "nemo_aligner.algorithms.supervised",
-    "nemo_aligner.algorithms.dpo", "nemo_aligner.algorithms.reward", "nemo_aligner.utils.setup",
-    "nemo_aligner.generation.megatron_engine", "nemo_aligner.checkpoint.hf", "transformers",
+    "nemo_aligner", "hydra", "omegaconf", "nemo_aligner.algorithms.supervised", "nemo_aligner.algorithms.dpo",
+    "nemo_aligner.algorithms.reward", "nemo_aligner.utils.setup", "nemo_aligner.generation.megatron_engine",
+    "nemo_aligner.checkpoint.hf", "transformers",
 )
 
 
@@ -49,10 +50,8 @@ def _child(request) -> None:
 
 
 def serve() -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the imports' notices (Apex, Transformer Engine): not errors
-        for name in PRELOAD:
-            importlib.import_module(name)
+    for name in PRELOAD:  # (this process's stderr goes nowhere: import notices are dropped)
+        importlib.import_module(name)
     tasks = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1  # native threads too
     if threading.active_count() != 1 or tasks != 1:
         raise SystemExit("forkserver: the preloaded imports started threads; forking is unsafe")

@@ -1,17 +1,27 @@
-"""The test fork server runs a script as ``python script`` would (see tests/forkserver.py)."""
+"""The test fork server runs a script as ``python script`` would (see tests/forkserver.py):
+the same output, exit status and package state as a fresh interpreter."""
 
+import json
 import subprocess
+import sys
 
 import pytest
 
-from helpers import ROOT, run
+from helpers import ROOT, _env, run
 
 pytestmark = pytest.mark.slow  # starts the fork server (its imports) if no test has yet
 
 SCRIPT = """
-import json, os, sys
-print(json.dumps({"argv": sys.argv, "path0": sys.path[0], "name": __name__, "cwd": os.getcwd(),
-                  "stdin": sys.stdin.read(), "omp": os.environ.get("OMP_NUM_THREADS")}))
+import json, os, sys, warnings
+import nemo_aligner
+import torch
+from megatron.core import jit
+print(json.dumps({
+    "argv": sys.argv, "path0": sys.path[0], "name": __name__, "cwd": os.getcwd(), "stdin": sys.stdin.read(),
+    "omp": os.environ.get("OMP_NUM_THREADS"), "threads": torch.get_num_threads(),
+    "compile_deferred": jit.jit_fuser is not torch.compile,
+    "filters": sorted(f[1].pattern for f in warnings.filters if f[1] is not None),
+}))
 print("to stderr", file=sys.stderr)
 mode = sys.argv[1]
 if mode == "raise":
@@ -30,14 +40,19 @@ def script(tmp_path):
     return path
 
 
-def test_child_sees_what_python_script_sees(script):
-    import json
+def fresh_python(script, args):
+    return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, env=_env(), capture_output=True, text=True)
 
-    proc = run(script, ["3", "x=1"], check=False)
-    assert proc.returncode == 3 and proc.stderr.strip() == "to stderr"
-    seen = json.loads(proc.stdout)
-    assert seen == {"argv": [str(script), "3", "x=1"], "path0": str(script.parent), "name": "__main__",
-                    "cwd": str(ROOT), "stdin": "", "omp": "1"}
+
+def test_child_sees_what_a_fresh_python_sees(script):
+    forked, fresh = run(script, ["3", "x=1"], check=False), fresh_python(script, ["3", "x=1"])
+    assert forked.returncode == fresh.returncode == 3
+    assert forked.stderr == fresh.stderr == "to stderr\n"
+    seen = json.loads(forked.stdout)
+    assert seen == json.loads(fresh.stdout)
+    assert seen["argv"] == [str(script), "3", "x=1"] and seen["path0"] == str(script.parent)
+    assert seen["name"] == "__main__" and seen["cwd"] == str(ROOT) and seen["stdin"] == ""
+    assert seen["compile_deferred"] and seen["threads"] == 1
     assert run(script, ["0"]).returncode == 0
 
 
