@@ -87,10 +87,15 @@ class _ForkServer:
 _fork_server = None
 
 
+def own_process(cmd, timeout=None):
+    """``cmd`` as its own process from the repository root, output captured."""
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
 def _single_process(cmd, timeout):
     global _fork_server
     if os.environ.get("NEMO_TEST_FORKSERVER", "1") == "0":
-        return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+        return own_process(cmd, timeout)
     if _fork_server is None or _fork_server.proc.poll() is not None:
         _fork_server = _ForkServer()
     return _fork_server.run(cmd, timeout)
@@ -102,7 +107,7 @@ def run(script, args, nproc: int = 1, timeout: int = 600, check: bool = True):
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                f"--master-port={_free_port()}", str(script), *args]
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+        proc = own_process(cmd, timeout)
     else:
         cmd = [sys.executable, str(script), *args]
         proc = _single_process(cmd, timeout)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, _env, run
+from helpers import ROOT, own_process, run
 
 pytestmark = pytest.mark.slow  # starts the fork server (its imports) if no test has yet
 
@@ -41,7 +41,7 @@ def script(tmp_path):
 
 
 def fresh_python(script, args):
-    return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, env=_env(), capture_output=True, text=True)
+    return own_process([sys.executable, str(script), *args])
 
 
 def test_child_sees_what_a_fresh_python_sees(script):
