@@ -10,6 +10,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["nemo_aligner", "nemo_aligner.*"]),
+    # The CPU decoding kernels' source, compiled at first use (nemo_aligner/generation/cpu_kernels.py).
+    package_data={"nemo_aligner.generation": ["csrc/*.c"]},
     install_requires=[
         "torch>=2.4",
         # The CPU support and checkpoint code touch Megatron-Core internals: pinned minor.

@@ -48,6 +48,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from nemo_aligner.generation import cpu_kernels
 from nemo_aligner.models.attention import SDPACoreAttention
 
 
@@ -199,6 +200,7 @@ class _Linear:
         self.group = layer.tp_group if isinstance(layer, RowParallelLinear) else None
         if self.group is not None and self.group.size() == 1:
             self.group = None
+        self.kernel = cpu_kernels.applies(self.weight)  # decoding steps' products (cpu_kernels)
 
     def __call__(self, x):
         y = _product(x, self.weight)
@@ -209,14 +211,43 @@ class _Linear:
             y = y + self.bias
         return y
 
-    def transposed(self, x_t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The same on transposed activations, ``x_t`` ``[in, B]`` -> ``[out, B]`` (decoding
-        steps, see :class:`_StepPlan`), into ``out`` when given."""
-        y_t = torch.mm(self.weight, x_t, out=out)
-        if self.group is not None:
-            dist.all_reduce(y_t, group=self.group)
-        if self.bias is not None:
-            y_t.add_(self.bias.unsqueeze(1))
+
+
+class _StepProduct:
+    """A step plan's product for one layer: ``out = linear(x)``, or ``out += linear(x)`` with
+    ``accumulate`` (a row-parallel layer adding into the residual stream), on transposed
+    activations ``x_t`` ``[in, B]`` -> ``[out, B]`` (see :class:`_StepPlan`).
+
+    Through the compiled kernel where it applies (:mod:`cpu_kernels`: float32 CPU weights,
+    batches of up to ``MAX_ROWS`` rows), else ``torch.mm``; the residual add is done by the
+    product itself where no bias and no tensor-parallel reduction come between them (the
+    kernel's accumulating form, or ``addmm_``), else product, all-reduce, bias, add."""
+
+    def __init__(self, linear: _Linear, out: torch.Tensor, accumulate: bool = False):
+        self.linear = linear
+        self.fused = accumulate and linear.group is None and linear.bias is None
+        self.residual = out if accumulate and not self.fused else None
+        self.target = out if self.residual is None else torch.empty_like(out)
+        self.kernel = None
+        if linear.kernel and out.shape[1] <= cpu_kernels.MAX_ROWS:
+            self.kernel = cpu_kernels.Product(linear.weight, self.target, accumulate=self.fused)
+
+    def __call__(self, x_t: torch.Tensor) -> torch.Tensor:
+        linear, y_t = self.linear, self.target
+        if self.kernel is not None:
+            self.kernel(x_t)
+        elif self.fused:
+            y_t.addmm_(linear.weight, x_t)
+        else:
+            torch.mm(linear.weight, x_t, out=y_t)
+        if self.fused:
+            return y_t
+        if linear.group is not None:
+            dist.all_reduce(y_t, group=linear.group)
+        if linear.bias is not None:
+            y_t.add_(linear.bias.unsqueeze(1))
+        if self.residual is not None:
+            self.residual.add_(y_t)
         return y_t
 
 
@@ -273,7 +304,7 @@ class _LayerBuffers:
     """A layer's decoding-step buffers and the views the step reads and writes through
     (see :class:`_StepPlan`)."""
 
-    def __init__(self, layer: _Layer, kv: torch.Tensor, per: int, rot: int, like: torch.Tensor):
+    def __init__(self, layer: _Layer, kv: torch.Tensor, per: int, rot: int, like: torch.Tensor, bias, residual_t):
         b, g, d = kv.shape[0], layer.groups, layer.head_dim
         self.qkv_t = like.new_empty(layer.qkv.weight.shape[0], b)  # the product's result
         self.qkv = self.qkv_t.t().view(b, g, per + 2, d)  # Megatron's fused layout, per row
@@ -284,8 +315,17 @@ class _LayerBuffers:
         self.rotation = _Rotation(self.staged, self.rotated, per, rot) if rot else None
         self.queries, self.new_kv = self.rotated[:, :, :per], self.rotated[:, :, per:]
         self.kv, self.keys, self.values = kv, kv[:, :, 0], kv[:, :, 1]
+        # The step's attention through the compiled kernel where it runs (cpu_kernels).
+        self.attend = None
+        if like.device.type == "cpu" and like.dtype == torch.float32 and cpu_kernels.library() is not None:
+            scale = layer.scale if layer.scale is not None else 1.0 / math.sqrt(d)
+            self.attend = cpu_kernels.DecodeAttention(
+                self.queries, self.keys, self.values, bias, scale, like.new_empty(b, g, per, d))
         self.h1_t = like.new_empty(layer.fc1.weight.shape[0], b)
         self.h1 = self.h1_t.t()
+        self.qkv_product, self.fc1_product = _StepProduct(layer.qkv, self.qkv_t), _StepProduct(layer.fc1, self.h1_t)
+        self.proj_product = _StepProduct(layer.proj, residual_t, accumulate=True)
+        self.fc2_product = _StepProduct(layer.fc2, residual_t, accumulate=True)
         if layer.gated:
             self.gate, self.linear = torch.chunk(self.h1, 2, dim=-1)
 
@@ -316,16 +356,11 @@ class _StepPlan:
         self.key_bias = decoder.key_bias[:, None, None, :]
         self.rope = None if decoder.rope_table is None else tuple(t[:, :, None, None, :] for t in decoder.rope_table)
         rot = 0 if decoder.rope_table is None else decoder.rope_table[0].shape[-1]
-        self.layers = [_LayerBuffers(layer, kv, decoder.per, rot, like) for layer, kv in zip(decoder.layers, decoder.kv)]
-
-    def accumulate(self, linear: _Linear, a_t: torch.Tensor) -> None:
-        """``residual += linear(a)`` for a row-parallel layer, ``a_t`` ``[in, B]``: the add is
-        done by the product itself (``addmm_``) when the layer has no bias and no
-        tensor-parallel reduction between its product and the add."""
-        if linear.group is None and linear.bias is None:
-            self.residual_t.addmm_(linear.weight, a_t)
-        else:
-            self.residual_t.add_(linear.transposed(a_t))
+        bias = decoder.key_bias if decoder.padded else None
+        self.layers = [
+            _LayerBuffers(layer, kv, decoder.per, rot, like, bias, self.residual_t)
+            for layer, kv in zip(decoder.layers, decoder.kv)
+        ]
 
 
 class LeanDecoder:
@@ -369,6 +404,7 @@ class LeanDecoder:
         self.output_weight = weight if self.output_group is not None else weight[:vocab_size]
         usable = output_product is not None and output_product.applies(self.output_weight)
         self.output_product = output_product if usable else None
+        self.output_kernel = cpu_kernels.applies(self.output_weight)
         b, slots = positions.shape
         dtype, device = self.word_weight.dtype, self.word_weight.device
         first = self.layers[0]
@@ -445,6 +481,9 @@ class LeanDecoder:
         h = self.final_norm(h)
         if self.output_product is not None:
             logits = self.output_product(h, self.output_weight)  # row-major already
+        elif self.output_kernel and h.shape[0] <= cpu_kernels.MAX_ROWS:
+            logits = h.new_empty(h.shape[0], self.output_weight.shape[0])
+            cpu_kernels.product(self.output_weight, h.t(), logits.t())  # written row-major
         else:
             logits = _product(h, self.output_weight)
         if self.output_group is not None:
@@ -505,24 +544,27 @@ class LeanDecoder:
             # Layer 0 normalizes the embeddings themselves: the same memory layout, hence
             # the same summation order, as the prefill's and the model's forward.
             y = layer.input_norm(x if index == 0 else res)
-            layer.qkv.transposed(y.t(), out=buf.qkv_t)
+            buf.qkv_product(y.t())
             if rope is None:
                 buf.rotated.copy_(buf.qkv)
             else:
                 buf.rotated.copy_(buf.staged.copy_(buf.qkv))
                 buf.rotation(rope)
             buf.kv.select(3, slot).copy_(buf.new_kv)
-            out = torch.nn.functional.scaled_dot_product_attention(
-                buf.queries, buf.keys.narrow(2, 0, end), buf.values.narrow(2, 0, end),
-                attn_mask=mask, scale=layer.scale,
-            )
-            plan.accumulate(layer.proj, out.view(b, -1).t())
-            layer.fc1.transposed(layer.mlp_norm(res).t(), out=buf.h1_t)
+            if buf.attend is not None:
+                out = buf.attend(end)
+            else:
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    buf.queries, buf.keys.narrow(2, 0, end), buf.values.narrow(2, 0, end),
+                    attn_mask=mask, scale=layer.scale,
+                )
+            buf.proj_product(out.view(b, -1).t())
+            buf.fc1_product(layer.mlp_norm(res).t())
             if layer.gated:
                 a = layer.activation(buf.gate) * buf.linear
             else:
                 a = layer.activation(buf.h1)
-            plan.accumulate(layer.fc2, a.t())
+            buf.fc2_product(a.t())
         self.length = end
         return self._logits(res)
 
