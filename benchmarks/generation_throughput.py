@@ -18,8 +18,10 @@ greedy, and sampling (temperature 0.8, top-k 50, top-p 0.9).
 - ``transformers``: ``model.generate`` on the left-padded batch with its attention mask
   (``do_sample`` and the same temperature / top-k / top-p), ``torch.inference_mode``.
 - ``ours``: ``MegatronEngine.generate`` on the prompts (left padding, per-row positions,
-  per-sample seeds), with the lean decoder (the default on CPU) and, for reference, the
-  decoder that runs ``GPTModel.forward`` with Megatron's ``StaticInferenceContext``.
+  per-sample seeds), with the lean decoder (the default on CPU; its decoding steps on the
+  compiled CPU kernels of ``nemo_aligner.generation.cpu_kernels`` where a C compiler is
+  found, as printed, or on torch's with ``NEMO_ALIGNER_CPU_KERNELS=0``) and, for reference,
+  the decoder that runs ``GPTModel.forward`` with Megatron's ``StaticInferenceContext``.
 
 Each configuration runs ``--repeats`` times, interleaved with the others, after one warm-up
 run; the machine is shared, so the best (minimum) time is the headline number and the
@@ -217,8 +219,11 @@ def main():
         args.new_tokens, args.repeats = 16, 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"threads={torch.get_num_threads()}")
-    results = {"config": vars(args), "sizes": {}}
+    from nemo_aligner.generation import cpu_kernels
+
+    kernels = "compiled" if cpu_kernels.library() is not None else "torch's"
+    print(f"threads={torch.get_num_threads()}, CPU decoding kernels: {kernels}")
+    results = {"config": vars(args), "cpu_kernels": kernels, "sizes": {}}
     models = {}
     for size in args.sizes.split(","):
         hidden, ffn, vocab = (int(v) for v in size.split(":"))

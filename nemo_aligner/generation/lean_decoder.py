@@ -25,12 +25,15 @@ values into the cache.
 A decoding step is about 20 small kernels per layer whose launch costs as much as their
 arithmetic on CPU, and so does making a view or a new tensor; so the step launches few and
 makes few (:class:`_StepPlan`): its products write into buffers made once per batch, the
-residual add is done by the row-parallel products themselves (``addmm_``) where there is no
-bias or TP reduction, the views it reads through are made once, and a token's queries, key
+residual add is done by the row-parallel products themselves where there is no bias or TP
+reduction, the views it reads through are made once, and a token's queries, key
 and value are copied into a row-major buffer and rotated from it into a second one (two
 copies and three kernels); the query heads of a group attend as the *positions* of one
 query (``[B, groups, heads per group, dim]``: the same scores, no head expansion and no
-query or output copies).
+query or output copies). On CPU with float32 weights, the step's products and attention run
+on compiled kernels (:mod:`~nemo_aligner.generation.cpu_kernels`: each weight streamed once
+for the batch's few rows, one pass over a row's keys and values), and on torch's kernels
+(MKL, SDPA) where those cannot be built.
 
 :func:`unsupported_reason` lists what it does not model; the engine then falls back to
 :class:`~nemo_aligner.generation.context_decoder.MegatronContextDecoder`. Parity with the
@@ -336,9 +339,10 @@ class _StepPlan:
 
     Why: a step is ~20 small kernels per layer, and on CPU making a view or a new tensor
     costs about as much as a small kernel (2-5 us each: ~200 views a step in a hidden-256,
-    4-layer model, over a tenth of the step). Products write into their buffers (``out=``),
-    the row-parallel products accumulate into the residual stream in place (``addmm_``),
-    and the slices of the rotation, the attention's operands, the mask and the rotary
+    4-layer model, over a tenth of the step). Products write into their buffers
+    (:class:`_StepProduct`), the row-parallel products accumulate into the residual stream
+    in place, the attention writes into its own buffer where it runs on the compiled kernel
+    (:class:`~nemo_aligner.generation.cpu_kernels.DecodeAttention`), and the slices of the rotation, the attention's operands, the mask and the rotary
     table are views made here; a step then makes only the views that move with the slot
     (the rotary table's row, the cache's length, the slot's keys and values) and the
     outputs of the norms, the attention and the activation.

@@ -149,6 +149,14 @@ def test_without_a_working_compiler_torchs_kernels_are_used(fresh_load, monkeypa
     assert out.response_lengths.tolist() == [4, 4]
 
 
+def test_without_a_compiler_the_log_says_how_to_get_the_kernels(fresh_load, monkeypatch, caplog):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
+    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+        assert cpu_kernels.library() is None
+    assert "no C compiler found" in caplog.text and "NEMO_ALIGNER_CPU_KERNELS=0" in caplog.text
+
+
 def test_kernels_can_be_switched_off(fresh_load, monkeypatch):
     monkeypatch.setenv("NEMO_ALIGNER_CPU_KERNELS", "0")
     assert cpu_kernels.library() is None
