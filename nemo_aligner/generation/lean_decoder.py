@@ -215,7 +215,6 @@ class _Linear:
         return y
 
 
-
 class _StepProduct:
     """A step plan's product for one layer: ``out = linear(x)``, or ``out += linear(x)`` with
     ``accumulate`` (a row-parallel layer adding into the residual stream), on transposed
@@ -342,10 +341,11 @@ class _StepPlan:
     4-layer model, over a tenth of the step). Products write into their buffers
     (:class:`_StepProduct`), the row-parallel products accumulate into the residual stream
     in place, the attention writes into its own buffer where it runs on the compiled kernel
-    (:class:`~nemo_aligner.generation.cpu_kernels.DecodeAttention`), and the slices of the rotation, the attention's operands, the mask and the rotary
-    table are views made here; a step then makes only the views that move with the slot
-    (the rotary table's row, the cache's length, the slot's keys and values) and the
-    outputs of the norms, the attention and the activation.
+    (:class:`~nemo_aligner.generation.cpu_kernels.DecodeAttention`), and the slices of the
+    rotation, the attention's operands, the mask and the rotary table are views made here;
+    a step then makes only the views that move with the slot (the rotary table's row, the
+    cache's length, the slot's keys and values) and the outputs of the norms, the attention
+    (on torch's kernels) and the activation.
 
     The residual stream is kept transposed, ``[h, B]``: ``W @ x^T`` products (see
     :data:`_SMALL_ROWS`) give their results in that layout and take the next product's

@@ -47,8 +47,8 @@ static inline void block(int rows, const float *w, int64_t ldw, int64_t k_len,
     }
 }
 
-/* Returns 0, or -1 when a thread could not allocate its packed copy of X (nothing written
- * by that thread; the caller then recomputes with torch). */
+/* out must not overlap W or X. Returns 0, or -1 when a thread could not allocate its
+ * packed copy of X (that thread's rows are then not written). */
 int decode_product(const float *w, int64_t m, int64_t k_len, int64_t ldw,
                    const float *x, int64_t b, int64_t x_sk, int64_t x_sb,
                    float *out, int64_t out_sm, int64_t out_sb, int accumulate, int threads) {
@@ -63,7 +63,7 @@ int decode_product(const float *w, int64_t m, int64_t k_len, int64_t ldw,
         const int64_t first = blocks * t / n, last = blocks * (t + 1) / n;
         const float *xp = x;
         float *packed = NULL;
-        if (first < last && pack) {
+        if (first < last && pack && k_len > 0 && bp > 0) {
             packed = (float *)calloc((size_t)(k_len * bp), sizeof(float));
             if (packed == NULL) {
                 failed = 1;
@@ -177,8 +177,9 @@ static void weighted_sum(const float *w, const float *v, int64_t v_ss, int64_t l
  * of them), with an additive bias[b, slot] (0 or -inf; NULL: none):
  *     out[b, g, p, :] = sum_j softmax_j(scale * q . k_j + bias_j) v_j
  * The softmax is the usual max-subtracted one in float32. Each (row, group) is one thread's
- * task: its keys and values are read in slot order. Returns 0, or -1 when a thread could
- * not allocate its scores (nothing is then written by it). */
+ * task: its keys and values are read in slot order. out must not overlap the inputs.
+ * Returns 0, or -1 when a thread could not allocate its scores (its tasks are then not
+ * written). */
 int decode_attention(const float *q, int64_t q_sb, int64_t q_sg, int64_t q_sp,
                      const float *k, int64_t k_sb, int64_t k_sg, int64_t k_ss,
                      const float *v, int64_t v_sb, int64_t v_sg, int64_t v_ss,
