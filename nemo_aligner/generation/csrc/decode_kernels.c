@@ -3,11 +3,12 @@
  *
  * decode_product: out (+)= W @ X for W [M, K] with contiguous rows (a layer's weight),
  * X [K, B] with any strides (a step's activations, B a few rows), out [M, B] with any
- * strides. Each thread takes a contiguous share of W's rows and walks them once, six rows at a
- * time, against X held in cache (packed to [K, BP] with BP a multiple of 16 when it is
- * not already in that form); the 6 x 16 block of results stays in registers for the
- * whole of K. Every result is the FMA chain over k = 0 .. K-1 in order, computed by one
- * thread: it does not depend on the thread count, on B or on the other columns of X. */
+ * strides. Each thread takes a contiguous share of W's rows and walks them once, six
+ * rows at a time, against X held in cache (packed to [K, BP] with BP a multiple of 16
+ * when it is not already in that form); the 6 x 16 block of results stays in registers
+ * for the whole of K. Every result is the FMA chain over k = 0 .. K-1 in order, computed
+ * by one thread: it does not depend on the thread count, on B or on the other columns
+ * of X. */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
