@@ -39,7 +39,7 @@ def assert_product(got, weight, x, base=None):
 
 @needs_kernels
 @pytest.mark.parametrize("m,k,b", [(7, 5, 3), (13, 64, 17), (1024, 256, 16), (2048, 256, 1), (100, 30, 64)])
-def test_product_equals_torch_for_any_layout(m, k, b):
+def test_product_is_within_float32_rounding_for_any_layout(m, k, b):
     weight, x_rows = rand(m, k, seed=1), rand(b, k, seed=2)
     layouts = {"transposed": x_rows.t(), "contiguous": x_rows.t().contiguous(), "strided": rand(k, 2 * b, seed=2)[:, ::2]}
     for x in layouts.values():
