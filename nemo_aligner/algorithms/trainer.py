@@ -64,6 +64,9 @@ def _pipeline_broadcast(obj):
 
 class BaseTrainer:
     algo = "base"  # the trainer.<algo> section this loop reads
+    progress_keys = ("train/loss", "val/loss", "train/lr")  # shown on the progress bar and in the summary
+    validate_at_start = False  # validate once before the first step (a "before" score)
+    optimizer_steps_per_step = 1  # optimizer (and LR schedule) steps per trainer step
 
     def __init__(
         self,
@@ -172,17 +175,26 @@ class BaseTrainer:
             sums = dict(zip(keys, values.tolist()))
         return _pipeline_broadcast(sums)
 
-    def train_step(self, step_batch) -> dict:
+    def optimize(self, step_batch) -> dict:
+        """Forward, backward and one optimizer step over ``step_batch``; the finalized metrics
+        plus ``grad_norm`` and ``lr`` (unprefixed)."""
         for chunk in self.model:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         sums = self.run_global_batch(step_batch, forward_only=False)
         grad_norm, lr = optimizer_step(self.optimizer, self.scheduler)
-        metrics = {f"train/{k}": v for k, v in self.finalize_metrics(sums).items()}
-        metrics["train/grad_norm"] = grad_norm
-        metrics["train/lr"] = lr
-        return metrics
+        return {**self.finalize_metrics(sums), "grad_norm": grad_norm, "lr": lr}
+
+    def train_step(self, step_batch) -> dict:
+        return {f"train/{k}": v for k, v in self.optimize(step_batch).items()}
+
+    def checkpoint_metrics(self, val: dict) -> dict:
+        """The validation metrics checkpoints are ranked by (``monitor`` names one)."""
+        return {"val_loss": val["val/loss"]} if "val/loss" in val else {}
+
+    def close(self) -> None:
+        """Release what the trainer holds besides the model (clients, engines)."""
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -245,6 +257,11 @@ class BaseTrainer:
         metrics = {}
         saved_at = None
         data_iter = iter(self.train_loader)
+        if self.validate_at_start and self.step == 0 and self.val_check_interval:
+            with self.timers.time("validation"):
+                val = self.validate()
+            if self.metrics_logger is not None and val:
+                self.metrics_logger.log({**val, **self.timers.pop()}, 0)
         while self.step < self.max_steps:
             step_start = time.monotonic()
             with self.timers.time("data"):
@@ -263,16 +280,14 @@ class BaseTrainer:
                 with self.timers.time("validation"):
                     val = self.validate()
                 metrics.update(val)
-                self.best_metrics.update(
-                    {k.replace("/", "_"): v for k, v in val.items() if k == "val/loss"}
-                )
+                self.best_metrics.update(self.checkpoint_metrics(val))
             out_of_time = self.max_time is not None and time.monotonic() - start > self.max_time
             metrics.update(self.timers.pop())
             if self.metrics_logger is not None:
                 self.metrics_logger.log(metrics, self.step)
             bar.update(1)
-            bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
-                             if k in ("train/loss", "val/loss", "train/lr")})
+            bar.set_postfix({k.replace("_rollouts", "").replace("/", "_").removeprefix("train_"): f"{v:.4g}"
+                             for k, v in metrics.items() if k in self.progress_keys})
             if (self.save_interval and self.step % self.save_interval == 0) or last or out_of_time:
                 self.save()
                 saved_at = self.step

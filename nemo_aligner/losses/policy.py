@@ -159,16 +159,18 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, leave_on
         if n <= 1:
             continue
         r = rewards[idx]
-        k = n - 1 if leave_one_out else n  # size of each comparison set
-        total, total_sq = r.sum(), r.square().sum()
-        sums = total - r if leave_one_out else total.expand_as(r)
-        sums_sq = total_sq - r.square() if leave_one_out else total_sq.expand_as(r)
-        baseline = sums / k
-        if k > 1:
-            var = ((sums_sq / k - baseline.square()) * (k / (k - 1))).clamp(min=0)
-            std = var.sqrt()
-        else:
-            std = torch.zeros_like(r)
+        # others[i, j] = 1 when sample j is in sample i's comparison set. The variance comes
+        # from pairwise differences, sum_{j,l in S} (r_j - r_l)^2 / (2 k (k - 1)) (equal to the
+        # Bessel-corrected variance), which is exactly 0 for tied rewards; E[r^2] - E[r]^2 or
+        # deviations from a rounded mean leave noise that the division would blow up.
+        others = torch.ones(n, n, dtype=r.dtype, device=r.device)
+        if leave_one_out:
+            others.fill_diagonal_(0)
+        k = others.sum(1)
+        baseline = (others @ r) / k
+        pair_sq = (r.unsqueeze(0) - r.unsqueeze(1)).square()
+        var = ((others @ pair_sq) * others).sum(1) / (2 * k * (k - 1)).clamp(min=1)
+        std = var.sqrt()
         a = r - baseline
         if normalize:
             a = torch.where(std > 0, a / (std + eps), a)

@@ -149,3 +149,50 @@ def destroy() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_within_pipeline(obj):
+    """``obj`` from the last pipeline stage, on every stage of this pipeline (trusted data)."""
+    if not dist.is_initialized() or parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(
+        holder, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+        group=parallel_state.get_pipeline_model_parallel_group(),
+    )
+    return holder[0]
+
+
+def run_on_model_parallel_source(fn):
+    """``fn()`` computed once per model-parallel group (tensor x pipeline ranks of one
+    data-parallel replica), on its first rank, and broadcast to the group.
+
+    An exception raised by ``fn`` is re-raised on every rank of the group, so no rank is left
+    waiting in a collective while another has failed.
+    """
+    if not dist.is_initialized() or not parallel_state.model_parallel_is_initialized():
+        return fn()
+    group = parallel_state.get_model_parallel_group()
+    ranks = dist.get_process_group_ranks(group)
+    if len(ranks) == 1:
+        return fn()
+    holder = [None]
+    if dist.get_rank() == ranks[0]:
+        try:
+            holder[0] = ("ok", fn())
+        except Exception as e:  # noqa: BLE001 -- re-raised below, on every rank
+            holder[0] = ("error", e)
+    dist.broadcast_object_list(holder, src=ranks[0], group=group)
+    status, value = holder[0]
+    if status == "error":
+        raise value
+    return value
+
+
+def all_gather_data_parallel(obj) -> list:
+    """``[obj of data-parallel rank 0, obj of rank 1, ...]`` on every rank (trusted data)."""
+    if not dist.is_initialized() or parallel_state.get_data_parallel_world_size() == 1:
+        return [obj]
+    out = [None] * parallel_state.get_data_parallel_world_size()
+    dist.all_gather_object(out, obj, group=parallel_state.get_data_parallel_group())
+    return out

@@ -6,22 +6,23 @@ import sys
 from nemo_aligner.utils.config import cfg_get
 
 from nemo_aligner.generation.engine import MissingDependencyError
+from nemo_aligner.utils.errors import RunError
 
 # Errors a user can cause; reported as one line, without a traceback. (Not every
 # ImportError: only the ones raised on purpose for an optional package that is missing.)
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotImplementedError, MissingDependencyError)
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotImplementedError, MissingDependencyError, RunError)
 
 
 @contextlib.contextmanager
-def report_user_errors():
-    """Turn an error the user can fix (bad config, data, path, checkpoint) into one line on
-    stderr and exit status 1; anything else propagates with its traceback."""
+def report_user_errors(errors=None):
+    """Turn an error the user can fix (bad config, data, path, checkpoint; by default) into one
+    line on stderr and exit status 1; anything else propagates with its traceback."""
     from nemo_aligner.checkpoint.distributed import CheckpointError
     from nemo_aligner.utils import distributed
 
     try:
         yield
-    except (*USER_ERRORS, CheckpointError) as e:
+    except errors or (*USER_ERRORS, CheckpointError) as e:
         rank = distributed.get_rank()
         prefix = f"[rank {rank}] " if rank else ""
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
@@ -37,11 +38,17 @@ def run_training(cfg, build_trainer) -> None:
     with report_user_errors():
         trainer = build_trainer(cfg)
     log = get_logger()
-    metrics = trainer.fit()
+    try:
+        # During the run only the errors that say what to fix are one line (a server that went
+        # away, a broken reward function); a bug keeps its traceback.
+        with report_user_errors((RunError,)):
+            metrics = trainer.fit()
+    finally:
+        trainer.close()
     log_dir = cfg_get(cfg, "exp_manager.explicit_log_dir")
     if trainer.finished and cfg_get(cfg, "exp_manager.checkpoint_callback_params.save_final_model", True):
         trainer.export_final_model(f"{log_dir}/final_model")
-    summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("train/loss", "val/loss"))
+    summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in trainer.progress_keys and k != "train/lr")
     log.info(f"done at step {trainer.step}: {summary}")
     log.info(f"checkpoints: {log_dir}/checkpoints  metrics: {log_dir}/metrics.jsonl  "
              f"tensorboard: {log_dir}/tensorboard")

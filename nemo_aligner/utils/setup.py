@@ -189,7 +189,7 @@ def finish_build(cfg, trainer, model_cfg, model):
     from nemo_aligner.utils.logging import MetricsLogger
 
     trainer.optimizer, trainer.scheduler = build_optimization(
-        cfg, model_cfg, model, trainer.algo, trainer.max_steps
+        cfg, model_cfg, model, trainer.algo, trainer.max_steps * trainer.optimizer_steps_per_step
     )
     if cfg_get(cfg, "exp_manager.resume_if_exists", True):
         latest = trainer.checkpoint_manager.latest()

@@ -191,3 +191,12 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda r: P.group_advantages(r, ids), (rewards,))
     values = torch.randn(3, 5, **D).requires_grad_()
     assert torch.autograd.gradcheck(lambda r, v: P.gae(r, v, mask, 0.95, 0.9)[0], (adv.clone().requires_grad_(), values))
+
+
+def test_group_advantages_exact_zero_std_for_tied_inexact_rewards():
+    # 0.1 is inexact in binary: a std from rounded means would be ~1e-17 and the division
+    # would turn the lone 1.1 into an advantage of ~1e6.
+    rewards = t([1.1] + [0.1] * 7)
+    adv = P.group_advantages(rewards, torch.zeros(8, dtype=torch.long))
+    assert adv[0].item() == pytest.approx(1.0)  # compared with seven tied 0.1s: std 0, A = r - b
+    assert adv.abs().max().item() < 2.0

@@ -1,0 +1,181 @@
+"""Clients of our PyTriton servers: futures, timeouts, and errors that say where.
+
+:class:`TritonClient` talks to one endpoint (``host:port``, model name). Creating it waits
+for the endpoint to be ready for up to ``init_timeout_s``, saying every few seconds which
+``host:port`` it is waiting for; requests run in a small thread pool and return futures;
+a request that fails (connection refused, server gone, no answer within
+``inference_timeout_s``) raises :class:`ServerError`, one line naming ``host:port`` and the
+endpoint. ``close()`` (also at interpreter exit) stops the pool, so nothing is left waiting.
+"""
+
+import atexit
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from nemo_aligner.utils.errors import RunError
+from nemo_aligner.utils.logging import get_logger
+
+WAIT_MESSAGE_EVERY_S = 5.0
+
+
+class ServerError(RunError, ConnectionError):
+    """A server that cannot be reached, died, or did not answer in time."""
+
+
+def _quiet_pytriton_warnings():
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*timeout.*", module="pytriton")
+    try:
+        from pytriton.client.warnings import NotSupportedTimeoutWarning
+
+        warnings.filterwarnings("ignore", category=NotSupportedTimeoutWarning)
+    except ImportError:
+        pass
+
+
+def _require_pytriton():
+    try:
+        import pytriton.client  # noqa: F401
+    except ImportError:
+        from nemo_aligner.generation.engine import MissingDependencyError
+
+        raise MissingDependencyError(
+            "remote reward models and servers need PyTriton: pip install nvidia-pytriton "
+            "(or pip install -e '.[serve]')"
+        ) from None
+
+
+class TritonClient:
+    """One endpoint of a PyTriton server (see the module docstring). ``key`` names the
+    config section users fix (e.g. ``remote_rm``) in error messages."""
+
+    def __init__(self, host: str, port: int, endpoint: str, *, init_timeout_s: float = 60.0,
+                 inference_timeout_s: float = 60.0, key: str = "", what: str = "server"):
+        _require_pytriton()
+        _quiet_pytriton_warnings()
+        self.host, self.port, self.endpoint = host, int(port), endpoint
+        self.init_timeout_s = float(init_timeout_s)
+        self.inference_timeout_s = float(inference_timeout_s)
+        self.key, self.what = key, what
+        self._clients = {}
+        self._pool = None
+        self.max_batch_size = self._wait_ready()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"triton-{endpoint}")
+        atexit.register(self.close)
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port} (endpoint '{self.endpoint}')"
+
+    def _hint(self) -> str:
+        return f"; check {self.key}" if self.key else ""
+
+    def _wait_ready(self) -> int:
+        """Poll until the endpoint is ready; returns its max batch size (0: no batching)."""
+        from pytriton.client.utils import create_client_from_url
+
+        start = time.monotonic()
+        deadline = start + self.init_timeout_s
+        last_message = start
+        log = get_logger()
+        client = create_client_from_url(f"http://{self.host}:{self.port}", network_timeout_s=min(5.0, self.init_timeout_s))
+        try:
+            while True:
+                try:
+                    if client.is_server_live() and client.is_model_ready(self.endpoint):
+                        config = client.get_model_config(self.endpoint)
+                        return int(config.get("max_batch_size", 0) or 0)
+                except Exception:  # noqa: BLE001 -- not up yet (refused, reset, not ready)
+                    pass
+                now = time.monotonic()
+                if now >= deadline:
+                    raise ServerError(
+                        f"no {self.what} answered at {self.where} within {self.init_timeout_s:g} s "
+                        f"(init_timeout_s){self._hint()} and that the server is running"
+                    )
+                if now - last_message >= WAIT_MESSAGE_EVERY_S:
+                    log.info(f"waiting for the {self.what} at {self.where}: {now - start:.0f} s of {self.init_timeout_s:g} s")
+                    last_message = now
+                time.sleep(min(0.5, max(deadline - now, 0.0)))
+        finally:
+            client.close()
+
+    def _model_client(self):
+        from pytriton.client import ModelClient
+
+        if "client" not in self._clients:  # made and used by the pool's one thread
+            self._clients["client"] = ModelClient(
+                f"http://{self.host}:{self.port}", self.endpoint, lazy_init=True,
+                init_timeout_s=self.init_timeout_s, inference_timeout_s=self.inference_timeout_s,
+            )
+        return self._clients["client"]
+
+    def _infer(self, inputs: dict) -> dict:
+        try:
+            return self._model_client().infer_batch(**inputs)
+        except Exception as e:  # noqa: BLE001 -- every transport failure becomes one line
+            self._clients.pop("client", None)
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ServerError(
+                f"the {self.what} at {self.where} failed: {reason[:300]}{self._hint()} and that the server is running"
+            ) from None
+
+    def submit(self, inputs: dict):
+        """A future of the endpoint's outputs for ``inputs`` (numpy arrays, batch first)."""
+        if self._pool is None:
+            raise ServerError(f"the client of {self.where} is closed")
+        return self._pool.submit(self._infer, inputs)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        client = self._clients.pop("client", None)
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 -- closing a broken connection
+                pass
+
+
+class _Gathered:
+    """Futures of several requests, concatenated at ``result()``."""
+
+    def __init__(self, futures, key: str, timeout: float):
+        self.futures, self.key, self.timeout = futures, key, timeout
+
+    def result(self) -> list[float]:
+        out = []
+        for future in self.futures:
+            out.extend(np.asarray(future.result()[self.key]).reshape(-1).tolist())
+        return out
+
+
+class RewardClient(TritonClient):
+    """The reward-model server's client (NeMo-Aligner's ``reward_model`` endpoint): inputs
+    ``tokens`` int64 ``[B, L]``, ``sequence_lengths`` int64 ``[B, 1]``, ``sentences`` bytes
+    ``[B, 1]``; output ``rewards`` float32 ``[B, 1]``."""
+
+    def __init__(self, host, port, endpoint="reward_model", **kwargs):
+        kwargs.setdefault("what", "reward model server")
+        super().__init__(host, port, endpoint, **kwargs)
+
+    def submit_rewards(self, sequences: list[list[int]], sentences: list[bytes] | None = None, *,
+                       pad_to_length: int | None = None, pad_id: int = 0) -> _Gathered:
+        longest = max(len(s) for s in sequences)
+        width = max(longest, int(pad_to_length or 0))
+        chunk = self.max_batch_size or len(sequences)
+        futures = []
+        for start in range(0, len(sequences), chunk):
+            part = sequences[start : start + chunk]
+            tokens = np.full((len(part), width), pad_id, dtype=np.int64)
+            for i, seq in enumerate(part):
+                tokens[i, : len(seq)] = seq
+            inputs = {"tokens": tokens, "sequence_lengths": np.array([[len(s)] for s in part], dtype=np.int64)}
+            if sentences is not None:
+                inputs["sentences"] = np.array([[s] for s in sentences[start : start + chunk]], dtype=np.object_)
+            futures.append(self.submit(inputs))
+        return _Gathered(futures, "rewards", self.inference_timeout_s)
