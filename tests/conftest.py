@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import SFT_SCRIPT, TINY_SFT, run  # noqa: E402
+from helpers import SFT_SCRIPT, TINY_POLICY_SFT, TINY_SFT, run  # noqa: E402
 
 
 @pytest.fixture
@@ -28,3 +28,12 @@ def dist_world_of_one():
 
     distributed.initialize()
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory):
+    """A tiny SFT model (2 epochs of the quickstart data, ~10 s) to start online RL from."""
+    log_dir = tmp_path_factory.mktemp("tiny_policy")
+    run(SFT_SCRIPT, [*TINY_POLICY_SFT, f"exp_manager.explicit_log_dir={log_dir}",
+                     "exp_manager.checkpoint_callback_params.save_final_model=true"])
+    return log_dir / "final_model"

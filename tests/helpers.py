@@ -17,6 +17,10 @@ from nemo_aligner.data.tokenizers import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT_SCRIPT = ROOT / "examples/nlp/gpt/train_gpt_sft.py"
+GRPO_SCRIPT = ROOT / "examples/nlp/gpt/train_gpt_grpo.py"
+REINFORCE_SCRIPT = ROOT / "examples/nlp/gpt/train_gpt_reinforce_actor.py"
+RM_SCRIPT = ROOT / "examples/nlp/gpt/train_reward_model.py"
+SERVE_RM_SCRIPT = ROOT / "examples/nlp/gpt/serve_reward_model.py"
 
 # A tiny Llama-style GPT (4 layers, so PP=2 splits it) on the bundled quickstart data.
 TINY_SFT = [
@@ -28,14 +32,31 @@ TINY_SFT = [
 ]
 
 
+# The tiny model, fine-tuned long enough (2 epochs) to count words about half the time: the
+# starting policy of the online-RL tests (see the tiny_policy fixture).
+TINY_POLICY_SFT = [
+    *(a for a in TINY_SFT if not a.startswith(("model.micro_batch_size", "model.global_batch_size", "exp_manager."))),
+    "model.micro_batch_size=16", "model.global_batch_size=32", "trainer.sft.max_epochs=2",
+]
+
+
+def rl_args(algo: str, policy, log_dir, *extra) -> list[str]:
+    """Overrides for a short online-RL run (``algo``: grpo or reinforce) from ``policy``."""
+    return [
+        f"pretrained_checkpoint.restore_from_path={policy}", f"exp_manager.explicit_log_dir={log_dir}",
+        f"trainer.{algo}.save_interval=0", "exp_manager.checkpoint_callback_params.save_final_model=false",
+        *extra,
+    ]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _env():
-    env = dict(os.environ)
+def _env(extra=None):
+    env = dict(os.environ, **(extra or {}))
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
@@ -68,11 +89,11 @@ class _ForkServer:
         line, self._pending = self._pending.split(b"\n", 1)
         return json.loads(line)
 
-    def run(self, cmd, timeout):
+    def run(self, cmd, timeout, env=None):
         with tempfile.TemporaryDirectory() as tmp:
             out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
             request = {"script": cmd[1], "args": cmd[2:], "stdout": str(out), "stderr": str(err),
-                       "cwd": str(ROOT), "env": _env()}
+                       "cwd": str(ROOT), "env": _env(env)}
             self.proc.stdin.write((json.dumps(request) + "\n").encode())
             pid = self._reply()["pid"]
             try:
@@ -87,33 +108,38 @@ class _ForkServer:
 _fork_server = None
 
 
-def own_process(cmd, timeout=None):
-    """``cmd`` as its own process from the repository root, output captured."""
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+def own_process(cmd, timeout=None, env=None):
+    """``cmd`` as its own process from the repository root, output captured (``env``: extra
+    environment variables)."""
+    return subprocess.run(cmd, cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=timeout)
 
 
-def _single_process(cmd, timeout):
+def _single_process(cmd, timeout, env=None):
     global _fork_server
     if os.environ.get("NEMO_TEST_FORKSERVER", "1") == "0":
-        return own_process(cmd, timeout)
+        return own_process(cmd, timeout, env)
     if _fork_server is None or _fork_server.proc.poll() is not None:
         _fork_server = _ForkServer()
-    return _fork_server.run(cmd, timeout)
+    return _fork_server.run(cmd, timeout, env)
 
 
-def run(script, args, nproc: int = 1, timeout: int = 600, check: bool = True):
+def run(script, args, nproc: int = 1, timeout: int = 600, check: bool = True, env=None):
     """Run ``script`` with ``args`` (torchrun when ``nproc > 1``, else as ``python script``
-    through the fork server); returns CompletedProcess."""
+    through the fork server); returns CompletedProcess. ``env``: extra environment variables."""
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                f"--master-port={_free_port()}", str(script), *args]
-        proc = own_process(cmd, timeout)
+        proc = own_process(cmd, timeout, env)
     else:
         cmd = [sys.executable, str(script), *args]
-        proc = _single_process(cmd, timeout)
+        proc = _single_process(cmd, timeout, env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def free_port() -> int:
+    return _free_port()
 
 
 def read_metrics(log_dir) -> list[dict]:

@@ -19,9 +19,7 @@ logged at step 0). Checkpoints rank by ``val_rewards``. ``<log_dir>/rollouts.jso
 prompt / response / reward rows per step.
 """
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -34,7 +32,6 @@ from nemo_aligner.models.forward import forward_batch
 from nemo_aligner.models.logprobs import token_logprobs
 from nemo_aligner.utils.config import cfg_get
 from nemo_aligner.utils.cpu_support import native_torch
-from nemo_aligner.utils.distributed import is_global_rank_zero
 
 ROLLOUT_ROWS_LOGGED = 4
 
@@ -212,14 +209,11 @@ class OnlineTrainer(BaseTrainer):
 
     # ------------------------------------------------------------------ output
     def log_rollouts(self, rollout: Rollout, split: str) -> None:
-        if self.metrics_logger is None or not is_global_rank_zero():
+        if self.metrics_logger is None:
             return
-        path = Path(self.metrics_logger.log_dir) / "rollouts.jsonl"
-        with open(path, "a") as f:
-            for i in range(min(ROLLOUT_ROWS_LOGGED, len(rollout))):
-                row = {"step": self.step, "split": split, "prompt": rollout.prompts[i],
-                       "response": rollout.responses[i], "reward": float(rollout.rewards[i])}
-                f.write(json.dumps(row) + "\n")
+        rows = [{"step": self.step, "split": split, "prompt": rollout.prompts[i], "response": rollout.responses[i],
+                 "reward": float(rollout.rewards[i])} for i in range(min(ROLLOUT_ROWS_LOGGED, len(rollout)))]
+        self.metrics_logger.append_rows("rollouts.jsonl", rows)
 
     def fit(self) -> dict:
         metrics = super().fit()

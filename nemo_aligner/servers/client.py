@@ -71,7 +71,7 @@ class TritonClient:
         return f"{self.host}:{self.port} (endpoint '{self.endpoint}')"
 
     def _hint(self) -> str:
-        return f"; check {self.key}" if self.key else ""
+        return "; check that the server is running" + (f" and the {self.key} settings" if self.key else "")
 
     def _wait_ready(self) -> int:
         """Poll until the endpoint is ready; returns its max batch size (0: no batching)."""
@@ -94,7 +94,7 @@ class TritonClient:
                 if now >= deadline:
                     raise ServerError(
                         f"no {self.what} answered at {self.where} within {self.init_timeout_s:g} s "
-                        f"(init_timeout_s){self._hint()} and that the server is running"
+                        f"(init_timeout_s){self._hint()}"
                     )
                 if now - last_message >= WAIT_MESSAGE_EVERY_S:
                     log.info(f"waiting for the {self.what} at {self.where}: {now - start:.0f} s of {self.init_timeout_s:g} s")
@@ -120,7 +120,7 @@ class TritonClient:
             self._clients.pop("client", None)
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ServerError(
-                f"the {self.what} at {self.where} failed: {reason[:300]}{self._hint()} and that the server is running"
+                f"the {self.what} at {self.where} failed: {reason[:300]}{self._hint()}"
             ) from None
 
     def submit(self, inputs: dict):

@@ -5,6 +5,7 @@ SLURM_* variables) and in a plain single process (it makes a world of one on a f
 loopback port). The backend is nccl when CUDA is available, gloo otherwise.
 """
 
+import datetime
 import os
 import random
 import socket
@@ -15,6 +16,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from nemo_aligner.utils import cpu_support
+
+
+# Servers' other ranks wait in a broadcast between requests: idle time must not time out.
+SERVER_TIMEOUT_S = 365 * 24 * 3600
 
 
 class ParallelConfigError(ValueError):
@@ -77,10 +82,12 @@ def initialize(
     backend: str | None = None,
     seed: int = 1234,
     num_layers: int | None = None,
+    timeout_s: float | None = None,
 ) -> None:
     """Start torch.distributed (if needed) and Megatron's model-parallel groups.
 
     Re-initializing with a different layout destroys the previous model-parallel groups.
+    ``timeout_s`` bounds each collective's wait (torch's default when None).
     """
     _env_from_slurm()
     launched = "RANK" in os.environ
@@ -97,16 +104,17 @@ def initialize(
     cpu_support.install()
 
     if not dist.is_initialized():
+        extra = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
         if launched:
             dist.init_process_group(
-                backend=backend, rank=int(os.environ["RANK"]), world_size=world_size
+                backend=backend, rank=int(os.environ["RANK"]), world_size=world_size, **extra
             )
         else:
             # A plain process: a world of one, without exporting rendezvous variables
             # that child processes (e.g. torchrun launched from here) would inherit.
             dist.init_process_group(
                 backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
-                rank=0, world_size=1,
+                rank=0, world_size=1, **extra,
             )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

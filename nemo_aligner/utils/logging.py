@@ -28,17 +28,26 @@ def _jsonable(value):
 
 class MetricsLogger:
     """Appends one JSON object per logged step to ``<log_dir>/metrics.jsonl`` and writes
-    the same scalars as TensorBoard events in ``<log_dir>/tensorboard``."""
+    the same scalars as TensorBoard events in ``<log_dir>/tensorboard``.
+
+    Nothing is created on disk before the first row is logged, so a run that fails before
+    its first step (a bad reward function, a server that is down) leaves no directory behind.
+    """
 
     def __init__(self, log_dir, tensorboard: bool = True):
         self.enabled = is_global_rank_zero()
         self.log_dir = Path(log_dir)
-        self._writer = None
-        if not self.enabled:
-            return
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.log_dir / "metrics.jsonl"
-        if tensorboard:
+        self.tensorboard = tensorboard
+        self._writer = None
+        self._opened = False
+
+    def _open(self) -> None:
+        if self._opened:
+            return
+        self._opened = True
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(self.log_dir / "tensorboard"))
@@ -46,6 +55,7 @@ class MetricsLogger:
     def log(self, metrics: dict, step: int) -> None:
         if not self.enabled:
             return
+        self._open()
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         with open(self.jsonl_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -53,6 +63,15 @@ class MetricsLogger:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self._writer.add_scalar(key, value, step)
+
+    def append_rows(self, name: str, rows: list[dict]) -> None:
+        """Append JSON rows to ``<log_dir>/<name>`` (rank 0 only)."""
+        if not self.enabled or not rows:
+            return
+        self._open()
+        with open(self.log_dir / name, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
 
     def close(self) -> None:
         if self._writer is not None:
