@@ -31,7 +31,8 @@ setup(
         "hf": ["transformers>=4.45"],
         "serve": ["nvidia-pytriton"],
         "bench": ["trl", "transformers>=4.45"],
-        # The tests check parity with transformers (HF interop, generation, DPO data).
-        "test": ["pytest>=7", "transformers>=4.45"],
+        # The tests check parity with transformers (HF interop, generation, DPO data) and run
+        # real PyTriton servers (reward model); PyTriton pins numpy<2.
+        "test": ["pytest>=7", "transformers>=4.45", "nvidia-pytriton"],
     },
 )

@@ -3,6 +3,7 @@ of the fork server that runs the script as ``python`` would); a character-level 
 for data tests."""
 
 import atexit
+import contextlib
 import json
 import os
 import select
@@ -161,3 +162,49 @@ class CharTokenizer(Tokenizer):
     @property
     def vocab_size(self):
         return 256 + 3
+
+
+@contextlib.contextmanager
+def background(cmd, log_path, env=None):
+    """``cmd`` in its own process group, output to ``log_path``; the whole group is stopped
+    (SIGTERM, then SIGKILL) when the block ends, also when the test fails."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(env), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        stop_group(proc)
+
+
+def stop_group(proc, grace: float = 15.0) -> None:
+    """Stop ``proc``'s process group: SIGTERM, ``grace`` seconds, then SIGKILL for whatever is left."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # the leader is gone; end stragglers of its group (e.g. Triton's stub processes)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return
+
+
+def wait_for_port(port: int, proc, timeout: float = 90.0, host: str = "127.0.0.1") -> None:
+    """Until ``host:port`` accepts connections; fails early when ``proc`` exits."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited with {proc.returncode} before listening on {host}:{port}")
+        with socket.socket() as s:
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"nothing listened on {host}:{port} within {timeout} s")
