@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from nemo_aligner.algorithms.online import OnlineSettings, OnlineTrainer, build_online_trainer, sampling_from_cfg
+from nemo_aligner.algorithms.online import (
+    OnlineSettings, OnlineTrainer, build_online_trainer, old_logprobs, sampling_from_cfg,
+)
 from nemo_aligner.losses.policy import KL_TYPES, clipped_surrogate, group_advantages, kl_estimate, masked_mean
 from nemo_aligner.utils.config import cfg_get
 
@@ -86,18 +88,20 @@ class GRPOTrainer(OnlineTrainer):
         adv = group_advantages(rollout.rewards, rollout.group_ids, leave_one_out=s.use_leave_one_out_baseline,
                                normalize=s.normalize_rewards)
         mask = rollout.mask
-        per_token = {"advantages": adv.float().unsqueeze(1) * mask, "old_logprobs": rollout.logprobs}
+        per_token = {"advantages": adv.float().unsqueeze(1) * mask}
+        if rollout.logprobs is not None:
+            per_token["old_logprobs"] = rollout.logprobs
         metrics = {"advantages_abs_mean": float(adv.abs().mean())}
         if rollout.init_logprobs is not None:
             per_token["init_logprobs"] = rollout.init_logprobs
-            metrics["init_policy_kl"] = float(masked_mean(self.kl(rollout.logprobs, rollout.init_logprobs), mask))
+            policy = rollout.logprobs if rollout.logprobs is not None else rollout.gen_logprobs
+            metrics["init_policy_kl"] = float(masked_mean(self.kl(policy, rollout.init_logprobs), mask))
         return per_token, metrics
 
     def policy_loss(self, logp, batch):
         s = self.settings
         mask = batch["loss_mask"].to(logp.dtype)
-        old = batch["old_logprobs"].to(logp.device)
-        loss, ratio, clamped = clipped_surrogate(logp, old, batch["advantages"].to(logp.device),
+        loss, ratio, clamped = clipped_surrogate(logp, old_logprobs(batch, logp), batch["advantages"].to(logp.device),
                                                  s.ratio_clip_min, s.ratio_clip_max, s.ratio_clip_c)
         sums = {"ppo_ratio_sum": (ratio * mask).sum(), "ppo_ratio_clamped_sum": (clamped * mask).sum()}
         if "init_logprobs" in batch and s.initial_policy_kl_penalty:

@@ -134,17 +134,28 @@ class OnlineTrainer(BaseTrainer):
 
     token_level_loss = True
 
+    @property
+    def needs_policy_logprobs(self) -> bool:
+        """Whether the rollout needs the policy's log-probs before training. With one optimizer
+        step per rollout the first (only) training forward runs on the rollout's weights, so
+        it gives them exactly: the old log-probs are the current ones, detached."""
+        return self.optimizer_steps_per_step > 1
+
     # ------------------------------------------------------------------ the step
     def train_step(self, step_input) -> dict:
         offset, prompts = step_input
-        rollout = self.generator.run(prompts, offset, self.step)
+        rollout = self.generator.run(prompts, offset, self.step, policy_logprobs=self.needs_policy_logprobs)
         per_token, method_metrics = self.prepare(rollout)
+        if rollout.logprobs is None:  # token_mult_prob_error from the training forward
+            per_token["gen_logprobs"] = rollout.gen_logprobs
         metrics = {f"train_rollouts/{k}": v for k, v in {**rollout_metrics(rollout), **method_metrics}.items()}
         optim = []
         with self.timers.time("train"):
             for k in range(self.optimizer_steps_per_step):
                 optim.append(self.optimize(self.minibatch(rollout, per_token, k)))
                 self.optim_step += 1
+        if "token_mult_prob_error" in optim[0]:
+            metrics["train_rollouts/token_mult_prob_error"] = optim[0].pop("token_mult_prob_error")
         for key in optim[0]:
             values = [m[key] for m in optim]
             metrics[f"train_optim/{key}"] = values[-1] if key == "lr" else sum(values) / len(values)
@@ -170,6 +181,9 @@ class OnlineTrainer(BaseTrainer):
                 per_token, sums = self.policy_loss(logp, batch)
                 loss_sum, count = aggregate_loss(per_token, mask, self.token_level_loss)
                 sums = {k: v.detach() for k, v in sums.items()}
+                if "gen_logprobs" in batch:
+                    error = (logp.detach() - batch["gen_logprobs"].to(logp.device)).abs().exp()
+                    sums["token_mult_prob_error_sum"] = (error * mask).sum()
                 sums.update(loss_sum=loss_sum.detach(), count=count.detach(), tokens=mask.sum())
                 return loss_sum, count.int(), sums
 
@@ -237,6 +251,14 @@ class OnlineTrainer(BaseTrainer):
         close = getattr(self.generator.reward_source, "close", None)
         if close is not None:
             close()
+
+
+def old_logprobs(batch: dict, logp: torch.Tensor) -> torch.Tensor:
+    """The log-probs the rollout was drawn with (the policy's before this rollout's updates):
+    the batch's ``old_logprobs``, or, when the rollout trains one optimizer step and they were
+    not computed, ``logp`` itself, detached (the same weights)."""
+    old = batch.get("old_logprobs")
+    return logp.detach() if old is None else old.to(logp.device)
 
 
 def rollout_metrics(rollout: Rollout) -> dict:
@@ -311,7 +333,7 @@ def build_online_trainer(cfg, trainer_cls, settings: OnlineSettings, size_key: s
         model, engine, tokenizer, reward_source,
         RolloutSettings(settings.samples_per_prompt, settings.sampling, val_sampling,
                         settings.forward_micro_batch_size, seed,
-                        pad_multiple=8 * parallel_state.get_tensor_model_parallel_world_size()),
+                        pad_multiple=parallel_state.get_tensor_model_parallel_world_size()),
         reference=reference,
     )
     trainer = trainer_cls(

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from nemo_aligner.algorithms.online import OnlineSettings, OnlineTrainer, build_online_trainer, sampling_from_cfg
+from nemo_aligner.algorithms.online import (
+    OnlineSettings, OnlineTrainer, build_online_trainer, old_logprobs, sampling_from_cfg,
+)
 from nemo_aligner.losses.policy import reinforce_loss, rloo_baseline, sequence_kl_penalty
 from nemo_aligner.utils.config import cfg_get
 
@@ -61,6 +63,10 @@ class ReinforceSettings(OnlineSettings):
 class ReinforceTrainer(OnlineTrainer):
     algo = "reinforce"
 
+    @property
+    def needs_policy_logprobs(self) -> bool:  # the KL penalty goes into the reward, before training
+        return super().needs_policy_logprobs or self.settings.initial_policy_kl_penalty != 0
+
     def prepare(self, rollout):
         s = self.settings
         mask = rollout.mask
@@ -71,14 +77,16 @@ class ReinforceTrainer(OnlineTrainer):
         rewards_with_kl = rollout.rewards - s.initial_policy_kl_penalty * kl
         baseline = rloo_baseline(rewards_with_kl, rollout.group_ids, rollout.is_end)
         adv = (rewards_with_kl - baseline).float()
-        per_token = {"advantages": adv.unsqueeze(1) * mask, "old_logprobs": rollout.logprobs}
+        per_token = {"advantages": adv.unsqueeze(1) * mask}
+        if rollout.logprobs is not None:
+            per_token["old_logprobs"] = rollout.logprobs
         metrics = {"init_policy_kl": float(kl.mean()), "rewards_with_kl": float(rewards_with_kl.mean()),
                    "baseline": float(baseline.mean())}
         return per_token, metrics
 
     def policy_loss(self, logp, batch):
         mask = batch["loss_mask"].to(logp.dtype)
-        ratio = torch.exp(logp.detach() - batch["old_logprobs"].to(logp.device))
+        ratio = torch.exp(logp.detach() - old_logprobs(batch, logp))
         loss = reinforce_loss(logp, batch["advantages"].to(logp.device))
         return loss, {"ppo_ratio_sum": (ratio * mask).sum(), "ppo_ratio_clamped_sum": (ratio * mask).sum()}
 

@@ -143,7 +143,7 @@ class RolloutSettings:
     val_sampling: SamplingParams
     forward_micro_batch_size: int
     seed: int
-    pad_multiple: int = 8  # sequence widths are rounded up to this (fewer distinct shapes; 8 x TP)
+    pad_multiple: int = 1  # sequence widths are rounded up to a multiple of this (TP for sequence parallelism)
 
 
 class RolloutGenerator:
@@ -166,12 +166,15 @@ class RolloutGenerator:
         self.timers = timers or Timers()
 
     # ------------------------------------------------------------------ public
-    def run(self, prompts: list[dict], global_offset: int, step: int, validation: bool = False) -> Rollout:
+    def run(self, prompts: list[dict], global_offset: int, step: int, validation: bool = False,
+            policy_logprobs: bool = True) -> Rollout:
         """The whole step's :class:`Rollout`; collective over every rank.
 
         ``prompts``: this rank's prompt items (:class:`~nemo_aligner.data.prompts.PromptDataset`),
         ``global_offset``: the global index of the first. Validation draws one greedy sample per
-        prompt and computes no log-probs.
+        prompt and computes no log-probs. ``policy_logprobs=False`` skips the policy's log-prob
+        pass (a caller that trains once on the rollout gets the same values from its training
+        forward).
         """
         k = 1 if validation else self.settings.samples_per_prompt
         params = self.settings.val_sampling if validation else self.settings.sampling
@@ -188,8 +191,9 @@ class RolloutGenerator:
         with self.timers.time("reward"):
             pending = self.reward_source.submit(local)
         if not validation:
-            with self.timers.time("logprobs"):
-                local.logprobs = self.logprobs(local)
+            if policy_logprobs:
+                with self.timers.time("logprobs"):
+                    local.logprobs = self.logprobs(local)
             if self.reference is not None:
                 with self.timers.time("init_logprobs"), self.reference.swapped():
                     local.init_logprobs = self.logprobs(local)

@@ -30,8 +30,11 @@ def test_short_run_raises_held_out_reward(tiny_policy, tmp_path, algo, steps):
     last = metrics[-1]
     assert last["train_optim/optim_step"] == steps  # 64 samples per rollout / global batch 64
     assert last["train_rollouts/token_mult_prob_error"] == pytest.approx(1.0, abs=1e-4)
-    for name in ("generate", "logprobs", "init_logprobs", "reward", "train"):
+    for name in ("generate", "init_logprobs", "reward", "train"):
         assert last[f"timers/{name}"] > 0
+    # One optimizer step per rollout: the training forward gives the old log-probs (no extra
+    # pass) unless REINFORCE's KL penalty needs them for the reward first.
+    assert ("timers/logprobs" in last) == (algo == "reinforce")
     rows = (tmp_path / "rollouts.jsonl").read_text().splitlines()
     assert len(rows) == 4 * (steps + 3)  # four rows per training step and per validation
 
