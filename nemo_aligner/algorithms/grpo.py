@@ -15,11 +15,7 @@ or per sequence and then over sequences.
 
 from dataclasses import dataclass
 
-import torch
-
-from nemo_aligner.algorithms.online import (
-    OnlineSettings, OnlineTrainer, build_online_trainer, old_logprobs, sampling_from_cfg,
-)
+from nemo_aligner.algorithms.online import OnlineSettings, OnlineTrainer, build_online_trainer, old_logprobs
 from nemo_aligner.losses.policy import KL_TYPES, clipped_surrogate, group_advantages, kl_estimate, masked_mean
 from nemo_aligner.utils.config import cfg_get
 
@@ -40,17 +36,10 @@ class GRPOSettings(OnlineSettings):
     def from_cfg(cls, cfg) -> "GRPOSettings":
         g = cfg_get(cfg, "model.grpo", {}) or {}
         loop = cfg_get(cfg, "trainer.grpo", {}) or {}
-        rollout_mbs = int(g.get("rollout_micro_batch_size", 8))
         s = cls(
-            key="model.grpo",
+            **cls.common_fields(g, loop, "model.grpo"),
             prompts_per_step=int(g.get("num_prompts_per_step", 8)),
             samples_per_prompt=int(g.get("num_generations_per_prompt", 8)),
-            rollout_micro_batch_size=rollout_mbs,
-            forward_micro_batch_size=int(g.get("forward_micro_batch_size") or rollout_mbs),
-            val_rollout_micro_batch_size=int(g.get("val_rollout_micro_batch_size") or rollout_mbs),
-            num_val_samples=int(g.get("num_val_samples", 0) or 0),
-            sampling=sampling_from_cfg(g, "model.grpo"),
-            initial_policy_kl_penalty=float(loop.get("initial_policy_kl_penalty", 0.0) or 0.0),
             normalize_rewards=bool(g.get("normalize_rewards", True)),
             use_leave_one_out_baseline=bool(g.get("use_leave_one_out_baseline", True)),
             kl_type=str(g.get("kl_type", "k3")),

@@ -74,6 +74,21 @@ class OnlineSettings:
     sampling: SamplingParams
     initial_policy_kl_penalty: float
 
+    @staticmethod
+    def common_fields(section: dict, loop: dict, key: str) -> dict:
+        """The fields every method reads the same way from ``model.<algo>`` (``section``) and
+        ``trainer.<algo>`` (``loop``)."""
+        rollout_mbs = int(section.get("rollout_micro_batch_size", 8))
+        return dict(
+            key=key,
+            rollout_micro_batch_size=rollout_mbs,
+            forward_micro_batch_size=int(section.get("forward_micro_batch_size") or rollout_mbs),
+            val_rollout_micro_batch_size=int(section.get("val_rollout_micro_batch_size") or rollout_mbs),
+            num_val_samples=int(section.get("num_val_samples", 0) or 0),
+            sampling=sampling_from_cfg(section, key),
+            initial_policy_kl_penalty=float(loop.get("initial_policy_kl_penalty", 0.0) or 0.0),
+        )
+
     @property
     def rollout_size(self) -> int:
         return self.prompts_per_step * self.samples_per_prompt
@@ -81,7 +96,8 @@ class OnlineSettings:
     def check(self, global_batch_size: int, micro_batch_size: int, dp: int, size_key: str) -> None:
         """Every divisibility the loop relies on, each error naming its key."""
         for name, value in (("rollout_micro_batch_size", self.rollout_micro_batch_size),
-                            ("forward_micro_batch_size", self.forward_micro_batch_size)):
+                            ("forward_micro_batch_size", self.forward_micro_batch_size),
+                            ("val_rollout_micro_batch_size", self.val_rollout_micro_batch_size)):
             if value < 1:
                 raise ValueError(f"{self.key}.{name}={value}; it must be >= 1")
         if self.rollout_size < 1:
@@ -216,6 +232,8 @@ class OnlineTrainer(BaseTrainer):
         metrics = {k: v for k, v in rollout_metrics(rollout).items() if k != "token_mult_prob_error"}
         if self.initial_val_rewards is None and self.step == 0:
             self.initial_val_rewards = metrics["rewards"]
+        self.log.info(f"step {self.step}: held-out reward {metrics['rewards']:.4f} ({len(rollout)} prompts, greedy; "
+                      f"{metrics['fraction_of_samples_properly_ended']:.0%} ended)")
         return {f"val_rollouts/{k}": v for k, v in metrics.items()}
 
     def checkpoint_metrics(self, val: dict) -> dict:
@@ -333,7 +351,9 @@ def build_online_trainer(cfg, trainer_cls, settings: OnlineSettings, size_key: s
         model, engine, tokenizer, reward_source,
         RolloutSettings(settings.samples_per_prompt, settings.sampling, val_sampling,
                         settings.forward_micro_batch_size, seed,
-                        pad_multiple=parallel_state.get_tensor_model_parallel_world_size()),
+                        pad_multiple=parallel_state.get_tensor_model_parallel_world_size(),
+                        generation_batch_size=settings.rollout_micro_batch_size,
+                        val_generation_batch_size=settings.val_rollout_micro_batch_size),
         reference=reference,
     )
     trainer = trainer_cls(

@@ -20,9 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nemo_aligner.algorithms.online import (
-    OnlineSettings, OnlineTrainer, build_online_trainer, old_logprobs, sampling_from_cfg,
-)
+from nemo_aligner.algorithms.online import OnlineSettings, OnlineTrainer, build_online_trainer, old_logprobs
 from nemo_aligner.losses.policy import reinforce_loss, rloo_baseline, sequence_kl_penalty
 from nemo_aligner.utils.config import cfg_get
 
@@ -44,17 +42,10 @@ class ReinforceSettings(OnlineSettings):
                 f"model.reinforce.num_rollout_samples={samples} is not divisible by "
                 f"trainer.reinforce.num_rollouts_per_prompt={per_prompt}"
             )
-        rollout_mbs = int(r.get("rollout_micro_batch_size", 8))
         s = cls(
-            key="model.reinforce",
+            **cls.common_fields(r, loop, "model.reinforce"),
             prompts_per_step=samples // per_prompt,
             samples_per_prompt=per_prompt,
-            rollout_micro_batch_size=rollout_mbs,
-            forward_micro_batch_size=int(r.get("forward_micro_batch_size") or rollout_mbs),
-            val_rollout_micro_batch_size=int(r.get("val_rollout_micro_batch_size") or rollout_mbs),
-            num_val_samples=int(r.get("num_val_samples", 0) or 0),
-            sampling=sampling_from_cfg(r, "model.reinforce"),
-            initial_policy_kl_penalty=float(loop.get("initial_policy_kl_penalty", 0.0) or 0.0),
             use_absolute_kl=bool(loop.get("use_absolute_kl", True)),
         )
         return s

@@ -144,6 +144,8 @@ class RolloutSettings:
     forward_micro_batch_size: int
     seed: int
     pad_multiple: int = 1  # sequence widths are rounded up to a multiple of this (TP for sequence parallelism)
+    generation_batch_size: int | None = None  # prompts per engine batch (None: the engine's own)
+    val_generation_batch_size: int | None = None
 
 
 class RolloutGenerator:
@@ -182,6 +184,9 @@ class RolloutGenerator:
         group_ids = [global_offset + j for j in range(len(prompts)) for _ in range(k)]
         seeds = [sample_seed(self.settings.seed, step, (global_offset + j) * k + g)
                  for j in range(len(prompts)) for g in range(k)]
+        batch_size = self.settings.val_generation_batch_size if validation else self.settings.generation_batch_size
+        if batch_size:
+            self.engine.max_batch_size = batch_size
         with self.timers.time("generate"):
             self.engine.refit(self.model[0])
             out = self._generate([it["prompt_ids"] for it in items], params, seeds)

@@ -9,6 +9,7 @@ endpoint. ``close()`` (also at interpreter exit) stops the pool, so nothing is l
 """
 
 import atexit
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,6 +19,7 @@ from nemo_aligner.utils.errors import RunError
 from nemo_aligner.utils.logging import get_logger
 
 WAIT_MESSAGE_EVERY_S = 5.0
+REQUESTS_IN_FLIGHT = 4
 
 
 class ServerError(RunError, ConnectionError):
@@ -38,7 +40,7 @@ def _quiet_pytriton_warnings():
 
 def _require_pytriton():
     try:
-        import pytriton.client  # noqa: F401
+        import pytriton.client  # noqa: F401  (present?)
     except ImportError:
         from nemo_aligner.generation.engine import MissingDependencyError
 
@@ -60,10 +62,12 @@ class TritonClient:
         self.init_timeout_s = float(init_timeout_s)
         self.inference_timeout_s = float(inference_timeout_s)
         self.key, self.what = key, what
-        self._clients = {}
+        self._local = threading.local()
+        self._clients = []
         self._pool = None
         self.max_batch_size = self._wait_ready()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"triton-{endpoint}")
+        # A few requests in flight keep the server's queue fed while it computes.
+        self._pool = ThreadPoolExecutor(max_workers=REQUESTS_IN_FLIGHT, thread_name_prefix=f"triton-{endpoint}")
         atexit.register(self.close)
 
     @property
@@ -104,20 +108,23 @@ class TritonClient:
             client.close()
 
     def _model_client(self):
+        """This pool thread's own client (PyTriton's clients are not thread-safe)."""
         from pytriton.client import ModelClient
 
-        if "client" not in self._clients:  # made and used by the pool's one thread
-            self._clients["client"] = ModelClient(
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = ModelClient(
                 f"http://{self.host}:{self.port}", self.endpoint, lazy_init=True,
                 init_timeout_s=self.init_timeout_s, inference_timeout_s=self.inference_timeout_s,
             )
-        return self._clients["client"]
+            self._clients.append(client)
+        return client
 
     def _infer(self, inputs: dict) -> dict:
         try:
             return self._model_client().infer_batch(**inputs)
         except Exception as e:  # noqa: BLE001 -- every transport failure becomes one line
-            self._clients.pop("client", None)
+            self._local.client = None
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ServerError(
                 f"the {self.what} at {self.where} failed: {reason[:300]}{self._hint()}"
@@ -133,10 +140,9 @@ class TritonClient:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
-        client = self._clients.pop("client", None)
-        if client is not None:
+        while self._clients:
             try:
-                client.close()
+                self._clients.pop().close()
             except Exception:  # noqa: BLE001 -- closing a broken connection
                 pass
 

@@ -34,8 +34,10 @@ def reward_model(tiny_policy, tmp_path_factory):
     return log_dir / "final_model"
 
 
-def server_cmd(port, *args):
-    return [sys.executable, str(SERVE_RM_SCRIPT), f"inference.port={port}", "inference.exit_timeout_s=1", *args]
+def server_cmd(port, *args, nproc=1):
+    launch = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}"]
+    return [*launch, str(SERVE_RM_SCRIPT), f"inference.port={port}", "inference.exit_timeout_s=1", *args]
 
 
 def remote(port, *extra):
@@ -47,12 +49,21 @@ def error_lines(stderr):
     return [l for l in stderr.splitlines() if l.startswith("error:")]
 
 
-@pytest.mark.parametrize("kind", ["reward_model", "rule"])
+SERVERS = {  # kind: (served, nproc, server layout)
+    "reward_model": ("model", 1, []),
+    "reward_model_tp2": ("model", 2, ["model.tensor_model_parallel_size=2"]),
+    "reward_model_dp2": ("model", 2, []),  # rank 0 broadcasts each batch, the two ranks split it
+    "rule": ("rule", 1, []),
+}
+
+
+@pytest.mark.parametrize("kind", list(SERVERS))
 def test_remote_step_equals_in_process(kind, tiny_policy, reward_model, tmp_path):
     port = free_port()
-    served = [f"rm_model_file={reward_model}"] if kind == "reward_model" else [f"reward.function={RULE}"]
-    local = [f"reward.model_path={reward_model}", "reward.function=null"] if kind == "reward_model" else []
-    with background(server_cmd(port, *served), tmp_path / "server.log") as server:
+    what, nproc, layout = SERVERS[kind]
+    served = [f"rm_model_file={reward_model}", *layout] if what == "model" else [f"reward.function={RULE}"]
+    local = [f"reward.model_path={reward_model}", "reward.function=null"] if what == "model" else []
+    with background(server_cmd(port, *served, nproc=nproc), tmp_path / "server.log") as server:
         wait_for_port(port, server)
         run(REINFORCE_SCRIPT, rl_args("reinforce", tiny_policy, tmp_path / "remote", *ONE_STEP, *remote(port)))
     run(REINFORCE_SCRIPT, rl_args("reinforce", tiny_policy, tmp_path / "local", *ONE_STEP, *local))
