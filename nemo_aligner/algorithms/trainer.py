@@ -17,6 +17,7 @@ and when ``max_time_per_run`` runs out), resuming, metrics (TensorBoard, metrics
 timers and a progress bar.
 """
 
+import signal
 import time
 
 import torch
@@ -29,9 +30,15 @@ from nemo_aligner.checkpoint.distributed import load_checkpoint, save_checkpoint
 from nemo_aligner.utils.config import cfg_get
 from nemo_aligner.utils.cpu_support import cuda_on_cpu, native_torch
 from nemo_aligner.utils.distributed import is_global_rank_zero
+from nemo_aligner.utils.errors import RunError
+from nemo_aligner.utils.signals import GracefulStop, StoppedBySignal
 from nemo_aligner.utils.logging import get_logger
 from nemo_aligner.utils.optim import optimizer_step
 from nemo_aligner.utils.timers import Timers
+
+
+class DivergenceError(RunError):
+    """The loss diverged: too many optimizer steps in a row had a non-finite gradient norm."""
 
 
 def parse_duration(value) -> float | None:
@@ -105,6 +112,8 @@ class BaseTrainer:
         self.save_interval = self._interval("save_interval")
         self.limit_val_batches = self.loop_cfg.get("limit_val_batches", None)
         self.max_time = parse_duration(self.loop_cfg.get("max_time_per_run", None))
+        self.max_nonfinite_steps = int(self.loop_cfg.get("max_nonfinite_steps", 3) or 3)
+        self.skipped_in_a_row = 0
 
     # ---- configuration -------------------------------------------------------------
     def _resolve_max_steps(self) -> int:
@@ -183,8 +192,25 @@ class BaseTrainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         sums = self.run_global_batch(step_batch, forward_only=False)
-        grad_norm, lr = optimizer_step(self.optimizer, self.scheduler)
+        grad_norm, lr, stepped = optimizer_step(self.optimizer, self.scheduler)
+        self._check_divergence(stepped, grad_norm)
         return {**self.finalize_metrics(sums), "grad_norm": grad_norm, "lr": lr}
+
+    def _check_divergence(self, stepped: bool, grad_norm: float) -> None:
+        """Count updates skipped for a non-finite gradient norm; stop after too many in a row."""
+        if stepped:
+            self.skipped_in_a_row = 0
+            return
+        self.skipped_in_a_row += 1
+        limit = self.max_nonfinite_steps
+        self.log.warning(f"step {self.step + 1}: the gradient norm is {grad_norm}; the update was skipped "
+                         f"({self.skipped_in_a_row} in a row, the run stops at {limit})")
+        if self.skipped_in_a_row >= limit:
+            raise DivergenceError(
+                f"training diverged: the gradient norm was not finite for {limit} optimizer steps in a row "
+                f"(trainer.{self.algo}.max_nonfinite_steps) at step {self.step + 1}; lower model.optim.lr or check the "
+                "data, and restart from the last checkpoint (all checkpoints hold finite weights)"
+            )
 
     def train_step(self, step_batch) -> dict:
         return {f"train/{k}": v for k, v in self.optimize(step_batch).items()}
@@ -262,38 +288,44 @@ class BaseTrainer:
                 val = self.validate()
             if self.metrics_logger is not None and val:
                 self.metrics_logger.log({**val, **self.timers.pop()}, 0)
-        while self.step < self.max_steps:
-            step_start = time.monotonic()
-            with self.timers.time("data"):
-                step_batch = next(data_iter)
-            with self.timers.time("train_step"):
-                metrics = self.train_step(step_batch)
-            self.step += 1
-            self.consumed_samples = sampler.consumed_samples
-            self.epoch = self.consumed_samples // sampler.samples_per_epoch
-            metrics.update(
-                consumed_samples=self.consumed_samples, epoch=self.epoch,
-                step_time=time.monotonic() - step_start,
-            )
-            last = self.step >= self.max_steps
-            if self.val_check_interval and (self.step % self.val_check_interval == 0 or last):
-                with self.timers.time("validation"):
-                    val = self.validate()
-                metrics.update(val)
-                self.best_metrics.update(self.checkpoint_metrics(val))
-            out_of_time = self.max_time is not None and time.monotonic() - start > self.max_time
-            metrics.update(self.timers.pop())
-            if self.metrics_logger is not None:
-                self.metrics_logger.log(metrics, self.step)
-            bar.update(1)
-            bar.set_postfix({k.replace("_rollouts", "").replace("/", "_").removeprefix("train_"): f"{v:.4g}"
-                             for k, v in metrics.items() if k in self.progress_keys})
-            if (self.save_interval and self.step % self.save_interval == 0) or last or out_of_time:
-                self.save()
-                saved_at = self.step
-            if out_of_time:
-                self.log.info(f"max_time_per_run reached after step {self.step}; stopping")
-                break
+        with GracefulStop() as stop:
+            while self.step < self.max_steps:
+                step_start = time.monotonic()
+                with self.timers.time("data"):
+                    step_batch = next(data_iter)
+                with self.timers.time("train_step"):
+                    metrics = self.train_step(step_batch)
+                self.step += 1
+                self.consumed_samples = sampler.consumed_samples
+                self.epoch = self.consumed_samples // sampler.samples_per_epoch
+                metrics.update(
+                    consumed_samples=self.consumed_samples, epoch=self.epoch,
+                    step_time=time.monotonic() - step_start,
+                )
+                last = self.step >= self.max_steps
+                if self.val_check_interval and (self.step % self.val_check_interval == 0 or last):
+                    with self.timers.time("validation"):
+                        val = self.validate()
+                    metrics.update(val)
+                    self.best_metrics.update(self.checkpoint_metrics(val))
+                # Every rank stops after the same step (clocks and signals differ between ranks).
+                out_of_time, signum = stop.agreed(self.max_time is not None and time.monotonic() - start > self.max_time)
+                metrics.update(self.timers.pop())
+                if self.metrics_logger is not None:
+                    self.metrics_logger.log(metrics, self.step)
+                bar.update(1)
+                bar.set_postfix({k.replace("_rollouts", "").replace("/", "_").removeprefix("train_"): f"{v:.4g}"
+                                 for k, v in metrics.items() if k in self.progress_keys})
+                if (self.save_interval and self.step % self.save_interval == 0) or last or out_of_time or signum:
+                    self.save()
+                    saved_at = self.step
+                if signum:
+                    bar.close()
+                    raise StoppedBySignal(signum, f"stopped by {signal.Signals(signum).name} after step {self.step}; "
+                                                  "the checkpoint is saved: rerun the same command to resume")
+                if out_of_time:
+                    self.log.info(f"max_time_per_run reached after step {self.step}; stopping")
+                    break
         bar.close()
         if saved_at != self.step and self.step > 0:
             self.save()

@@ -15,8 +15,11 @@ state is saved in the fully reshardable format for the same reason. Per-rank RNG
 are saved as sharded objects so that resuming continues the same random streams.
 """
 
+import contextlib
 import json
+import math
 import os
+import pickle
 import queue
 import random
 import re
@@ -29,9 +32,11 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from omegaconf import OmegaConf
 
+from nemo_aligner.checkpoint.verify import install_safe_object_loading, verify_checkpoint
 from nemo_aligner.data.tokenizers import copy_tokenizer_files
 from nemo_aligner.utils.cpu_support import cuda_on_cpu
 from nemo_aligner.utils.distributed import barrier, broadcast_object, is_global_rank_zero
+from nemo_aligner.utils.errors import RunError
 
 TRAINER_STATE = "trainer_state.json"
 MODEL_CONFIG = "model_config.yaml"
@@ -40,6 +45,10 @@ OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete, or does not match the model."""
+
+
+class NonFiniteWeightsError(RunError):
+    """A save of weights holding NaN or infinite values (a diverged run)."""
 
 
 def is_checkpoint(path) -> bool:
@@ -109,6 +118,24 @@ def _in_process_write_results() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
+def check_finite(model_chunks, where) -> None:
+    """Raise :class:`NonFiniteWeightsError` (on every rank) when any rank holds a NaN or
+    infinite parameter; collective."""
+    bad = torch.zeros(1, dtype=torch.int64)
+    for chunk in model_chunks:
+        for name, p in _unwrap(chunk).named_parameters():
+            if not torch.isfinite(p.detach()).all():
+                bad[0] = 1
+                break
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    if bad.item():
+        raise NonFiniteWeightsError(
+            f"the weights hold NaN or infinite values; {where} was not written (the last checkpoint is the last "
+            "finite one): lower model.optim.lr or check the data"
+        )
+
+
 def save_checkpoint(
     path,
     model_chunks,
@@ -117,8 +144,10 @@ def save_checkpoint(
     trainer_state: dict | None = None,
     tokenizer_dir=None,
 ) -> Path:
-    """Write a checkpoint atomically (collective: every rank must call it)."""
+    """Write a checkpoint atomically (collective: every rank must call it). Weights that are
+    not finite are refused before anything is written."""
     path = Path(path)
+    check_finite(model_chunks, path)
     tmp = path.with_name(f"{path.name}.tmp-{broadcast_object(os.getpid())}")
     if is_global_rank_zero():
         shutil.rmtree(tmp, ignore_errors=True)
@@ -219,6 +248,8 @@ def load_checkpoint(path, model_chunks, optimizer=None, strict=True) -> dict:
             f"{path} is not a checkpoint (no metadata.json / {MODEL_CONFIG}); "
             "point to a directory written by training"
         )
+    verify_checkpoint(path)
+    install_safe_object_loading()
     trainer_state = read_trainer_state(path)
     if optimizer is not None and not trainer_state.get("has_optimizer_state", False):
         raise CheckpointError(
@@ -236,7 +267,7 @@ def load_checkpoint(path, model_chunks, optimizer=None, strict=True) -> dict:
             )
         if same_layout:
             sharded["rng_state"] = _rng_sharded_object()
-    with cuda_on_cpu():
+    with cuda_on_cpu(), unpickling_refused(path):
         # Unexpected keys are fine: a model-only load ignores the optimizer state.
         state = dist_checkpointing.load(sharded, str(path), strict="assume_ok_unexpected")
     _unwrap(model_chunks[0]).load_state_dict(state["model"], strict=strict)
@@ -247,6 +278,18 @@ def load_checkpoint(path, model_chunks, optimizer=None, strict=True) -> dict:
         if same_layout:
             _restore_rng(state["rng_state"])
     return trainer_state
+
+
+@contextlib.contextmanager
+def unpickling_refused(path):
+    """An object in ``path``'s shards that is not plain data becomes a one-line error."""
+    try:
+        yield
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path} stores an object that is not plain data; refusing to unpickle it (it could run code). "
+            "Use checkpoints from a source you trust"
+        ) from None
 
 
 def has_optimizer_state(path) -> bool:
@@ -271,6 +314,28 @@ def checkpoint_name(step: int, metric_name: str | None = None, metric=None) -> s
 
 
 _STEP_RE = re.compile(r"step=(\d+)")
+_TMP_RE = re.compile(r"\.tmp-(\d+)$")
+
+
+def _step_of(path) -> int:
+    """A checkpoint's step (from trainer_state.json, else its name; -1 when neither says)."""
+    try:
+        return int(read_trainer_state(path).get("step", -1))
+    except (ValueError, UnicodeDecodeError, OSError):
+        match = _STEP_RE.search(Path(path).name)
+        return int(match.group(1)) if match else -1
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class CheckpointManager:
@@ -292,11 +357,43 @@ class CheckpointManager:
         if not self.directory.is_dir():
             return []
         found = [p for p in self.directory.iterdir() if is_checkpoint(p) and ".tmp-" not in p.name]
-        return sorted(found, key=lambda p: read_trainer_state(p).get("step", -1))
+        return sorted(found, key=_step_of)
 
     def latest(self) -> Path | None:
         ckpts = self.checkpoints()
         return ckpts[-1] if ckpts else None
+
+    def latest_intact(self) -> Path | None:
+        """The newest checkpoint that :func:`verify_checkpoint` accepts; each newer damaged one
+        is reported in one line and left in place."""
+        from nemo_aligner.utils.logging import get_logger
+
+        damaged = []
+        for path in reversed(self.checkpoints()):
+            try:
+                verify_checkpoint(path)
+            except CheckpointError as e:
+                damaged.append(str(e))
+                continue
+            for reason in damaged:
+                get_logger().warning(f"resuming from {path.name}, not a newer damaged checkpoint: {reason}")
+            return path
+        if damaged:
+            raise CheckpointError(f"no intact checkpoint in {self.directory} to resume from: {damaged[0]}; "
+                                  "start a new run in another exp_manager.explicit_log_dir")
+        return None
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Remove ``<name>.tmp-<pid>`` directories left by saves whose process is gone (rank 0)."""
+        removed = []
+        if not self.directory.is_dir() or not is_global_rank_zero():
+            return removed
+        for p in self.directory.iterdir():
+            match = _TMP_RE.search(p.name)
+            if p.is_dir() and match and not _process_alive(int(match.group(1))):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+        return removed
 
     def save(self, model_chunks, model_cfg, optimizer, trainer_state: dict, tokenizer_dir=None) -> Path:
         metric = (trainer_state.get("metrics") or {}).get(self.monitor) if self.monitor else None
@@ -311,8 +408,8 @@ class CheckpointManager:
 
     def _score(self, path):
         value = (read_trainer_state(path).get("metrics") or {}).get(self.monitor)
-        if value is None:
-            return float("inf")
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return float("inf")  # missing or NaN ranks last, never best
         return value if self.mode == "min" else -value
 
     def _prune(self, keep: Path) -> None:

@@ -38,11 +38,19 @@ def run_training(cfg, build_trainer) -> None:
     with report_user_errors():
         trainer = build_trainer(cfg)
     log = get_logger()
+    from nemo_aligner.utils.signals import StoppedBySignal
+
     try:
         # During the run only the errors that say what to fix are one line (a server that went
         # away, a broken reward function); a bug keeps its traceback.
         with report_user_errors((RunError,)):
             metrics = trainer.fit()
+    except StoppedBySignal as e:
+        if trainer.metrics_logger is not None:
+            trainer.metrics_logger.close()
+        print(str(e), file=sys.stderr, flush=True)
+        distributed.destroy()
+        sys.exit(128 + e.signum)
     finally:
         trainer.close()
     log_dir = cfg_get(cfg, "exp_manager.explicit_log_dir")

@@ -18,6 +18,8 @@ Config (NeMo conventions)::
 Gradient clipping comes from ``trainer.<algo>.gradient_clip_val``.
 """
 
+import math
+
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -102,11 +104,37 @@ def build_scheduler(optimizer, model_cfg, max_steps: int):
     )
 
 
-def optimizer_step(optimizer, scheduler):
-    """One optimizer step (+ LR schedule step); returns (grad_norm, lr)."""
+def _clip(optimizer, grad_norm: float) -> None:
+    """Scale every sub-optimizer's gradients by ``clip / grad_norm`` when the norm exceeds
+    its ``clip_grad`` (Megatron's ``clip_grad_by_total_norm_fp32``, with the norm already known)."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(opt, "is_stub_optimizer", False) or opt.config.clip_grad <= 0.0:
+            continue
+        params = opt.get_parameters()
+        if params:
+            clip_grad_by_total_norm_fp32(params, opt.config.clip_grad, grad_norm,
+                                         opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+
+
+def optimizer_step(optimizer, scheduler) -> tuple[float, float, bool]:
+    """One optimizer (+ LR schedule) step; returns ``(grad_norm, lr, stepped)``.
+
+    Megatron's step with a guard: the gradient norm is computed first (on every rank the
+    same, it is all-reduced), and when it is not finite the update is skipped (``stepped``
+    False): no parameter, moment or schedule changes. Otherwise the gradients are clipped to
+    ``gradient_clip_val`` with that norm and the step runs (a loss-scaled fp16 optimizer
+    that finds an overflow skips the same way).
+    """
     with cuda_on_cpu():
-        success, grad_norm, _ = optimizer.step()
-    if success:
+        found_inf = optimizer.prepare_grads()
+        grad_norm = float("nan") if found_inf else float(optimizer.get_grad_norm())
+        stepped = math.isfinite(grad_norm)
+        if stepped:
+            _clip(optimizer, grad_norm)
+            stepped = bool(optimizer.step_with_ready_grads())
+    if stepped:
         scheduler.step(increment=1)
     lr = optimizer.param_groups[0]["lr"]
-    return (float(grad_norm) if grad_norm is not None else float("nan")), lr
+    return grad_norm, lr, stepped

@@ -191,8 +191,9 @@ def finish_build(cfg, trainer, model_cfg, model):
     trainer.optimizer, trainer.scheduler = build_optimization(
         cfg, model_cfg, model, trainer.algo, trainer.max_steps * trainer.optimizer_steps_per_step
     )
+    trainer.checkpoint_manager.remove_stale_temporaries()
     if cfg_get(cfg, "exp_manager.resume_if_exists", True):
-        latest = trainer.checkpoint_manager.latest()
+        latest = trainer.checkpoint_manager.latest_intact()
         if latest is not None:
             trainer.restore(latest)
     trainer.metrics_logger = MetricsLogger(log_dir(cfg))
