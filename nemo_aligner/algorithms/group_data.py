@@ -37,11 +37,18 @@ def data_paths(cfg) -> tuple[str, str | None]:
 
 
 def log_dataset(name: str, dataset) -> None:
-    get_logger().info(
+    log = get_logger()
+    log.info(
         f"{name}: {len(dataset)} samples from {dataset.path} "
         f"(truncated {dataset.num_truncated}, dropped {dataset.num_dropped} as longer than "
         f"max_seq_length {dataset.max_seq_length}, policy '{dataset.truncation}')"
     )
+    identical = getattr(dataset, "num_identical", 0)
+    if identical:
+        log.warning(
+            f"{name}: {identical} of {len(dataset)} pairs in {dataset.path} have the same chosen and rejected response; "
+            "they carry no preference (their DPO loss stays at ln 2) - check the data"
+        )
 
 
 def maybe_pack(cfg, dataset, max_seq_length: int, use_packed_file: bool = True, pack_size: int | None = None):

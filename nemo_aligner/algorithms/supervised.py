@@ -62,8 +62,13 @@ def build_sft_datasets(cfg, model_cfg, tokenizer):
     prefix = data.get("data_prefix") or {}
     if not prefix.get("train"):
         raise ValueError("set model.data.data_prefix.train to a JSONL file")
+    from nemo_aligner.algorithms.group_data import log_dataset
+
     train = make(prefix["train"])
+    log_dataset("train", train)
     val = make(prefix["validation"]) if prefix.get("validation") else None
+    if val is not None:
+        log_dataset("validation", val)
     packing = data.get("packing") or {}
     if packing.get("enabled", False):
         pack_size = int(packing.get("pack_size") or model_cfg["encoder_seq_length"])

@@ -27,7 +27,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from tqdm import tqdm
 
 from nemo_aligner.checkpoint.distributed import load_checkpoint, save_checkpoint
-from nemo_aligner.utils.config import cfg_get
+from nemo_aligner.utils.config import cfg_get, cfg_int
 from nemo_aligner.utils.cpu_support import cuda_on_cpu, native_torch
 from nemo_aligner.utils.distributed import is_global_rank_zero
 from nemo_aligner.utils.errors import RunError
@@ -41,15 +41,18 @@ class DivergenceError(RunError):
     """The loss diverged: too many optimizer steps in a row had a non-finite gradient norm."""
 
 
-def parse_duration(value) -> float | None:
+def parse_duration(value, key: str = "max_time_per_run") -> float | None:
     """Seconds from a number or ``"DD:HH:MM:SS"`` (NeMo's ``max_time_per_run``)."""
     if value is None or value == "":
         return None
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    parts = [float(p) for p in str(value).split(":")]
-    if len(parts) > 4:
-        raise ValueError(f"max_time_per_run={value!r}; use seconds or DD:HH:MM:SS")
+    try:
+        parts = [float(p) for p in str(value).split(":")]
+    except ValueError:
+        parts = []
+    if not parts or len(parts) > 4:
+        raise ValueError(f"{key}={value!r}; use seconds or DD:HH:MM:SS")
     seconds = 0.0
     for part, unit in zip(reversed(parts), (1, 60, 3600, 86400)):
         seconds += part * unit
@@ -99,7 +102,7 @@ class BaseTrainer:
         self.checkpoint_manager = checkpoint_manager
         self.model_cfg_to_save = model_cfg_to_save
         self.tokenizer_dir = tokenizer_dir
-        self.micro_batch_size = int(cfg_get(cfg, "model.micro_batch_size"))
+        self.micro_batch_size = cfg_int(cfg, "model.micro_batch_size", minimum=1)
         self.timers = Timers()
         self.log = get_logger()
 
@@ -110,21 +113,27 @@ class BaseTrainer:
         self.max_steps = self._resolve_max_steps()
         self.val_check_interval = self._interval("val_check_interval")
         self.save_interval = self._interval("save_interval")
-        self.limit_val_batches = self.loop_cfg.get("limit_val_batches", None)
-        self.max_time = parse_duration(self.loop_cfg.get("max_time_per_run", None))
-        self.max_nonfinite_steps = int(self.loop_cfg.get("max_nonfinite_steps", 3) or 3)
+        key = f"trainer.{self.algo}"
+        self.limit_val_batches = (None if self.loop_cfg.get("limit_val_batches") is None else
+                                  cfg_int(self.loop_cfg, "limit_val_batches", minimum=0, name=f"{key}.limit_val_batches"))
+        self.max_time = parse_duration(self.loop_cfg.get("max_time_per_run", None), f"{key}.max_time_per_run")
+        self.max_nonfinite_steps = cfg_int(self.loop_cfg, "max_nonfinite_steps", 3, minimum=1,
+                                           name=f"{key}.max_nonfinite_steps")
         self.skipped_in_a_row = 0
 
     # ---- configuration -------------------------------------------------------------
     def _resolve_max_steps(self) -> int:
-        max_steps = self.loop_cfg.get("max_steps", -1)
+        key = f"trainer.{self.algo}"
+        max_steps = cfg_int(self.loop_cfg, "max_steps", -1, name=f"{key}.max_steps")
         max_epochs = self.loop_cfg.get("max_epochs", None)
+        if max_epochs is not None:
+            max_epochs = cfg_int(self.loop_cfg, "max_epochs", name=f"{key}.max_epochs")
         steps_per_epoch = self.train_loader.sampler.steps_per_epoch
         candidates = []
-        if max_steps is not None and int(max_steps) >= 0:
-            candidates.append(int(max_steps))
-        if max_epochs is not None and int(max_epochs) >= 0:
-            candidates.append(int(max_epochs) * steps_per_epoch)
+        if max_steps >= 0:
+            candidates.append(max_steps)
+        if max_epochs is not None and max_epochs >= 0:
+            candidates.append(max_epochs * steps_per_epoch)
         if not candidates:
             raise ValueError(
                 f"set trainer.{self.algo}.max_steps or trainer.{self.algo}.max_epochs to bound the run"
@@ -135,7 +144,7 @@ class BaseTrainer:
         value = self.loop_cfg.get(key, 0) or 0
         if isinstance(value, float) and 0 < value <= 1.0:  # a fraction of an epoch
             return max(1, int(value * self.train_loader.sampler.steps_per_epoch))
-        return int(value)
+        return cfg_int(self.loop_cfg, key, 0, minimum=0, name=f"trainer.{self.algo}.{key}")
 
     # ---- hooks for subclasses --------------------------------------------------------
     def forward_step(self, batch, model):
@@ -247,12 +256,21 @@ class BaseTrainer:
         }
 
     def restore(self, path) -> None:
-        """Resume from a training checkpoint: weights, optimizer, RNG, schedule, data position."""
+        """Resume from a training checkpoint: weights, optimizer, RNG, schedule position, data
+        position. The learning-rate schedule is the config's (``model.optim``): a changed
+        ``lr`` / ``min_lr`` / schedule applies from the resumed step on, and the change is logged."""
+        configured = [(g.get("max_lr"), g.get("min_lr")) for g in self.optimizer.param_groups]
         state = load_checkpoint(path, self.model, self.optimizer)
+        saved = [(g.get("max_lr"), g.get("min_lr")) for g in self.optimizer.param_groups]
+        for group, (max_lr, min_lr) in zip(self.optimizer.param_groups, configured):
+            group["max_lr"], group["min_lr"] = max_lr, min_lr  # the checkpoint's would win otherwise
         self.step = int(state["step"])
         self.consumed_samples = int(state["consumed_samples"])
         self.epoch = int(state.get("epoch", 0))
         self.scheduler.load_state_dict(state["scheduler"])
+        if saved != configured:
+            self.log.info(f"model.optim differs from the checkpoint's (max/min lr {saved[0]} -> {configured[0]}); the "
+                          f"config's schedule applies from step {self.step}")
         self.best_metrics = dict(state.get("metrics") or {})
         self.train_loader.sampler.consumed_samples = self.consumed_samples
         self.log.info(f"resumed from {path} at step {self.step} ({self.consumed_samples} samples)")
@@ -282,6 +300,8 @@ class BaseTrainer:
         )
         metrics = {}
         saved_at = None
+        if self.metrics_logger is not None:
+            self.metrics_logger.discard_after(self.step)
         data_iter = iter(self.train_loader)
         if self.validate_at_start and self.step == 0 and self.val_check_interval:
             with self.timers.time("validation"):

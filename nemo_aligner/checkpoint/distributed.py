@@ -32,6 +32,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from omegaconf import OmegaConf
 
+from nemo_aligner.checkpoint.output import check_output_dir, replace_dir
 from nemo_aligner.checkpoint.verify import install_safe_object_loading, verify_checkpoint
 from nemo_aligner.data.tokenizers import copy_tokenizer_files
 from nemo_aligner.utils.cpu_support import cuda_on_cpu
@@ -143,12 +144,40 @@ def save_checkpoint(
     optimizer=None,
     trainer_state: dict | None = None,
     tokenizer_dir=None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write a checkpoint atomically (collective: every rank must call it). Weights that are
-    not finite are refused before anything is written."""
+    """Write a checkpoint atomically (collective: every rank must call it).
+
+    Refused before anything is written: weights that are not finite, and a ``path`` that is
+    a file or a non-empty directory other than one of our checkpoints (unless ``overwrite``).
+    An earlier checkpoint at ``path`` is replaced only once the new one is complete; a write
+    that fails (a full disk) removes its partial directory and leaves the old one as it was.
+    """
     path = Path(path)
     check_finite(model_chunks, path)
+    refusal = None
+    if is_global_rank_zero():
+        try:
+            check_output_dir(path, is_checkpoint, overwrite, what=str(path), hint="overwrite=True")
+        except ValueError as e:
+            refusal = str(e)
+    refusal = broadcast_object(refusal)
+    if refusal:
+        raise CheckpointError(refusal)
     tmp = path.with_name(f"{path.name}.tmp-{broadcast_object(os.getpid())}")
+    try:
+        _write_checkpoint(tmp, path, model_chunks, model_cfg, optimizer, trainer_state, tokenizer_dir)
+    except OSError as e:
+        if is_global_rank_zero():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"writing {path} failed ({e.strerror or e}); the partial copy was removed and earlier checkpoints "
+            "are untouched"
+        ) from None
+    return path
+
+
+def _write_checkpoint(tmp, path, model_chunks, model_cfg, optimizer, trainer_state, tokenizer_dir) -> None:
     if is_global_rank_zero():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -171,11 +200,8 @@ def save_checkpoint(
         OmegaConf.save(OmegaConf.create(model_cfg), tmp / MODEL_CONFIG)
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp / "tokenizer")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        replace_dir(tmp, path)
     barrier()
-    return path
 
 
 def _copy_provided_optimizer_states(self, model_param, tensors):

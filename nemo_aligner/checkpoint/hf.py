@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from nemo_aligner.checkpoint import hf_arch
+from nemo_aligner.checkpoint.output import EXPORT_MARKER, check_output_dir, is_our_export, replace_dir
 from nemo_aligner.checkpoint.hf_arch import COLUMN, GLU, QKV, REPLICATED, ROW, VOCAB, ZERO, Source
 from nemo_aligner.data.tokenizers import copy_tokenizer_files
 from nemo_aligner.utils import distributed
@@ -398,15 +399,19 @@ def _gather_full(name, kind, table, local_params, model_cfg):
 
 @torch.no_grad()
 def export_hf_model(model, model_cfg: dict, out_dir, dtype: str | None = None,
-                    tokenizer_dir=None, max_shard_size: int = 2 * 1024**3, progress: bool = False) -> Path:
+                    tokenizer_dir=None, max_shard_size: int = 2 * 1024**3, progress: bool = False,
+                    overwrite: bool = False) -> Path:
     """Write ``model`` (any TP/PP layout; collective over every rank) as a Hugging Face
     directory ``out_dir``: ``config.json``, safetensors weights, and the tokenizer files
     found in ``tokenizer_dir`` (a directory or a ``tokenizer.json``).
 
     ``dtype`` (``float32``, ``bfloat16``, ``float16``) defaults to the dtype of the Hugging
     Face checkpoint the model was imported from, else the model's own. The directory is
-    written next to ``out_dir`` and renamed into place when complete.
+    written next to ``out_dir`` and renamed into place when complete; an existing ``out_dir`` is
+    replaced only when it is an earlier export of ours (or ``overwrite``), see
+    :mod:`nemo_aligner.checkpoint.output`.
     """
+    check_output_dir(out_dir, is_our_export, overwrite)
     model = _unwrap(model)
     model_cfg = _resolved_cfg(model, model_cfg)
     model_type = hf_arch.infer_model_type(model_cfg)
@@ -443,9 +448,8 @@ def export_hf_model(model, model_cfg: dict, out_dir, dtype: str | None = None,
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        (tmp / EXPORT_MARKER).write_text("written by nemo_aligner.checkpoint.hf.export_hf_model\n")
+        replace_dir(tmp, out_dir)
     distributed.barrier()
     return out_dir
 

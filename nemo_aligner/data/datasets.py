@@ -126,6 +126,7 @@ class SFTDataset(torch.utils.data.Dataset):
         check_prompt_template(prompt_template)
         self.path = str(path)
         self.max_seq_length = max_seq_length
+        self.truncation = truncation
         self.num_truncated = 0
         self.num_dropped = 0
         self._ids: list[torch.Tensor] = []

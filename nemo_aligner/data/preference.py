@@ -204,6 +204,7 @@ class PreferenceDataset(torch.utils.data.Dataset, _Tokenized):
         _Tokenized.__init__(self, path, tokenizer, max_seq_length, truncation, add_bos, add_eos, shift)
         self.pairs = []  # (chosen ids, chosen mask, rejected ids, rejected mask)
         self.shared = []  # leading tokens the rejected sequence shares with the chosen one
+        self.num_identical = 0  # pairs whose chosen and rejected sequences are the same tokens
         gt, margins = [], []
         for line_no, sample in read_jsonl(self.path):
             where = f"{self.path}:{line_no}"
@@ -220,6 +221,7 @@ class PreferenceDataset(torch.utils.data.Dataset, _Tokenized):
                 self.num_dropped += 1
                 continue
             self.num_truncated += int(chosen[2] or rejected[2])
+            self.num_identical += int(torch.equal(chosen[0], rejected[0]))
             self.pairs.append((chosen[0], chosen[1], rejected[0], rejected[1]))
             self.shared.append(self.shared_prefix(prefix_c, prefix_r))
             gt.append(rewards)

@@ -62,7 +62,12 @@ class SentencePieceTokenizer(Tokenizer):
 
     def __init__(self, model_path: str):
         self.model_path = str(model_path)
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=self.model_path)
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=self.model_path)
+        except (RuntimeError, OSError) as e:
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{self.model_path} is not a SentencePiece model ({reason}); give the .model file the "
+                             "tokenizer was trained into") from None
         self.bos_id = _none_if_negative(self._sp.bos_id())
         self.eos_id = _none_if_negative(self._sp.eos_id())
         self._pad_id = _none_if_negative(self._sp.pad_id())
@@ -97,7 +102,12 @@ class HFTokenizer(Tokenizer):
     def __init__(self, path: str):
         path = str(path)
         self.path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-        self._tok = tokenizers.Tokenizer.from_file(self.path)
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(self.path)
+        except Exception as e:  # noqa: BLE001 -- the library raises a bare Exception for bad files
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{self.path} is not a Hugging Face tokenizer file ({reason}); give a tokenizer.json "
+                             "saved by the tokenizers library") from None
         configured = self._read_config(os.path.join(os.path.dirname(self.path), "tokenizer_config.json"))
         ids = {}
         for kind, candidates in self._COMMON_TOKENS.items():
@@ -116,8 +126,13 @@ class HFTokenizer(Tokenizer):
         """``{"bos"|"eos"|"pad": token string}`` for the tokens the config names."""
         if not os.path.isfile(config_path):
             return {}
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config_path} is not valid JSON ({e}); fix or remove it") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_path} must hold a JSON object")
         tokens = {}
         for kind in ("bos", "eos", "pad"):
             value = config.get(f"{kind}_token")

@@ -27,7 +27,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_aligner.models.attention import SDPACoreAttention
-from nemo_aligner.utils.config import cfg_get
+from nemo_aligner.utils.config import cfg_get, cfg_int
 from nemo_aligner.utils.cpu_support import cuda_on_cpu
 
 ACTIVATIONS = {
@@ -86,30 +86,46 @@ def transformer_config(cfg, initialize: bool = True) -> TransformerConfig:
     """
     activation, gated = _choice(cfg, "activation", ACTIVATIONS, "swiglu")
     dtype = params_dtype(cfg)
-    tp = int(cfg_get(cfg, "tensor_model_parallel_size", 1))
-    pp = int(cfg_get(cfg, "pipeline_model_parallel_size", 1))
-    num_layers = int(cfg_get(cfg, "num_layers"))
-    heads = int(cfg_get(cfg, "num_attention_heads"))
-    groups = cfg_get(cfg, "num_query_groups", None) or heads
-    hidden = int(cfg_get(cfg, "hidden_size"))
+    tp = cfg_int(cfg, "tensor_model_parallel_size", 1, minimum=1, name="model.tensor_model_parallel_size")
+    pp = cfg_int(cfg, "pipeline_model_parallel_size", 1, minimum=1, name="model.pipeline_model_parallel_size")
+    num_layers = cfg_int(cfg, "num_layers", minimum=1, name="model.num_layers")
+    heads = cfg_int(cfg, "num_attention_heads", minimum=1, name="model.num_attention_heads")
+    groups = cfg_int(cfg, "num_query_groups", heads, minimum=1, name="model.num_query_groups")
+    hidden = cfg_int(cfg, "hidden_size", minimum=1, name="model.hidden_size")
+    ffn = cfg_int(cfg, "ffn_hidden_size", 4 * hidden, minimum=1, name="model.ffn_hidden_size")
+    kv_channels = cfg_get(cfg, "kv_channels", None)
+    if kv_channels is not None:
+        kv_channels = cfg_int(cfg, "kv_channels", minimum=1, name="model.kv_channels")
     if num_layers % pp != 0:
         raise ModelConfigError(
             f"model.num_layers={num_layers} is not divisible by pipeline_model_parallel_size={pp}"
+        )
+    if heads % groups != 0:
+        raise ModelConfigError(
+            f"model.num_attention_heads={heads} is not divisible by model.num_query_groups={groups}; each group "
+            "of query heads shares one key/value head"
+        )
+    if kv_channels is None and hidden % heads != 0:
+        raise ModelConfigError(
+            f"model.hidden_size={hidden} is not divisible by model.num_attention_heads={heads}; change one, or "
+            "set model.kv_channels (the size of each head)"
         )
     if heads % tp != 0 or groups % tp != 0:
         raise ModelConfigError(
             f"num_attention_heads={heads} and num_query_groups={groups} must be divisible by "
             f"tensor_model_parallel_size={tp}"
         )
+    if ffn % tp != 0:
+        raise ModelConfigError(f"model.ffn_hidden_size={ffn} is not divisible by tensor_model_parallel_size={tp}")
     on_gpu = torch.cuda.is_available()
     std = float(cfg_get(cfg, "init_method_std", 0.02))
     return TransformerConfig(
         num_layers=num_layers,
         hidden_size=hidden,
-        ffn_hidden_size=int(cfg_get(cfg, "ffn_hidden_size", 4 * hidden)),
+        ffn_hidden_size=ffn,
         num_attention_heads=heads,
-        num_query_groups=int(groups),
-        kv_channels=cfg_get(cfg, "kv_channels", None) or hidden // heads,
+        num_query_groups=groups,
+        kv_channels=kv_channels or hidden // heads,
         normalization=_choice(cfg, "normalization", NORMALIZATIONS, "rmsnorm"),
         layernorm_epsilon=float(cfg_get(cfg, "layernorm_epsilon", 1e-5)),
         activation_func=activation,

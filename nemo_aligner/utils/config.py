@@ -27,3 +27,21 @@ def cfg_get(cfg, key: str, default=_MISSING):
     if isinstance(node, DictConfig):
         return OmegaConf.to_container(node, resolve=True)
     return node
+
+
+def cfg_int(cfg, key: str, default=_MISSING, minimum: int | None = None, name: str | None = None) -> int:
+    """``cfg[key]`` as an int; ``ValueError`` naming the key (``name``, default ``key``) when it
+    is not a whole number or is below ``minimum``."""
+    value = cfg_get(cfg, key, default)
+    shown = name or key
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"{shown}={value!r}; it must be a whole number")
+    try:
+        number = int(value)
+        if isinstance(value, float) and number != value:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"{shown}={value!r}; it must be a whole number") from None
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{shown}={number}; it must be at least {minimum}")
+    return number

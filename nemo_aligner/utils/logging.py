@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -63,6 +64,27 @@ class MetricsLogger:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self._writer.add_scalar(key, value, step)
+
+    def discard_after(self, step: int, names=("metrics.jsonl", "rollouts.jsonl")) -> None:
+        """Drop rows that a resumed run will log again: those after ``step`` (all of them when
+        starting from step 0), so that every step has one row (rank 0; atomic rewrite)."""
+        if not self.enabled:
+            return
+        for name in names:
+            path = self.log_dir / name
+            if not path.is_file():
+                continue
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    row_step = json.loads(line).get("step", 0)
+                except (ValueError, AttributeError):
+                    continue  # a line cut short by a kill
+                if step > 0 and isinstance(row_step, int) and row_step <= step:
+                    kept.append(line)
+            tmp = path.with_name(f"{path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
 
     def append_rows(self, name: str, rows: list[dict]) -> None:
         """Append JSON rows to ``<log_dir>/<name>`` (rank 0 only)."""

@@ -6,6 +6,7 @@ model (restored when ``pretrained_checkpoint.restore_from_path`` is set), optimi
 only then the log directory, metrics and checkpoints.
 """
 
+import os
 from pathlib import Path
 
 from megatron.core import parallel_state
@@ -22,7 +23,7 @@ from nemo_aligner.checkpoint.hf import is_hf_dir, load_hf_weights, model_cfg_fro
 from nemo_aligner.data.tokenizers import load_tokenizer
 from nemo_aligner.models.gpt import build_gpt_model
 from nemo_aligner.utils import distributed
-from nemo_aligner.utils.config import cfg_get
+from nemo_aligner.utils.config import cfg_get, cfg_int
 from nemo_aligner.utils.cpu_support import needs_cpu_support
 from nemo_aligner.utils.host_memory import keep_freed_memory
 from nemo_aligner.utils.optim import build_optimizer, build_scheduler, wrap_ddp
@@ -72,6 +73,10 @@ def resolve_model_cfg(cfg):
         for key in ARCHITECTURE_KEYS:
             if key in saved:
                 model_cfg[key] = saved[key]
+    # Whole numbers the loops divide by: checked here, each error naming its key.
+    for key in ("micro_batch_size", "global_batch_size", "encoder_seq_length"):
+        if key in model_cfg:
+            model_cfg[key] = cfg_int(model_cfg, key, minimum=1, name=f"model.{key}")
     return model_cfg
 
 
@@ -152,7 +157,51 @@ def log_dir(cfg) -> Path:
     path = cfg_get(cfg, "exp_manager.explicit_log_dir", None)
     if path is None:
         raise ValueError("set exp_manager.explicit_log_dir to where logs and checkpoints go")
-    return Path(path)
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"exp_manager.explicit_log_dir={path} is a file; give a directory")
+    return path
+
+
+def check_same_architecture(path, model_cfg: dict) -> None:
+    """Refuse to resume from a checkpoint of another network (one line naming the first key)."""
+    saved = read_model_config(path)
+    for key in ARCHITECTURE_KEYS:
+        if key in ("hf_config", "vocab_size") or key not in saved or key not in model_cfg:
+            continue
+        if saved[key] != model_cfg[key]:
+            raise CheckpointError(
+                f"{path} was trained with model.{key}={saved[key]!r} but this run builds model.{key}={model_cfg[key]!r}; "
+                "resume with the checkpoint's architecture, or start a new run in another exp_manager.explicit_log_dir"
+            )
+
+
+def start_over_guard(cfg, manager: CheckpointManager) -> None:
+    """With ``exp_manager.resume_if_exists=false`` a log directory holding an earlier run is
+    refused (its checkpoints would mix with the new run's, and a later plain rerun would resume
+    the old one), unless ``exp_manager.overwrite=true``: then the old run is moved aside whole."""
+    directory = log_dir(cfg)
+    earlier = manager.checkpoints()
+    final = directory / "final_model"
+    metrics = directory / "metrics.jsonl"
+    if not (earlier or final.exists() or metrics.exists()):
+        return
+    if not cfg_get(cfg, "exp_manager.overwrite", False):
+        what = f"{len(earlier)} checkpoint(s)" if earlier else ("a final_model" if final.exists() else "metrics.jsonl")
+        raise ValueError(
+            f"exp_manager.explicit_log_dir={directory} holds an earlier run ({what}); continue it with "
+            "exp_manager.resume_if_exists=true, pick a new explicit_log_dir, or set exp_manager.overwrite=true to "
+            "move the earlier run aside and start over"
+        )
+    if distributed.is_global_rank_zero():
+        import time
+
+        aside = directory.with_name(f"{directory.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(directory, aside)
+        from nemo_aligner.utils.logging import get_logger
+
+        get_logger().info(f"moved the earlier run in {directory} to {aside}; starting over")
+    distributed.barrier()
 
 
 def checkpoint_manager(cfg) -> CheckpointManager:
@@ -195,6 +244,9 @@ def finish_build(cfg, trainer, model_cfg, model):
     if cfg_get(cfg, "exp_manager.resume_if_exists", True):
         latest = trainer.checkpoint_manager.latest_intact()
         if latest is not None:
+            check_same_architecture(latest, model_cfg)
             trainer.restore(latest)
+    else:
+        start_over_guard(cfg, trainer.checkpoint_manager)
     trainer.metrics_logger = MetricsLogger(log_dir(cfg))
     return trainer

@@ -21,11 +21,14 @@ def main(argv=None):
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of this conversion")
     p.add_argument("--dtype", default="32", choices=["32", "fp32", "bf16", "16", "fp16"],
                    help="parameter dtype of the checkpoint (default float32)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output even when it is a non-empty directory that is not an earlier output of ours")
     args = p.parse_args(argv)
 
     from pathlib import Path
 
-    from nemo_aligner.checkpoint.distributed import save_checkpoint
+    from nemo_aligner.checkpoint.distributed import is_checkpoint, save_checkpoint
+    from nemo_aligner.checkpoint.output import check_output_dir
     from nemo_aligner.checkpoint.hf import import_hf_model, read_hf_config
     from nemo_aligner.utils import distributed
     from nemo_aligner.utils.entry import report_user_errors
@@ -36,10 +39,13 @@ def main(argv=None):
         if not Path(args.input).is_dir():
             raise FileNotFoundError(f"--input {args.input} is not a directory; give a Hugging Face model directory")
         read_hf_config(args.input)
+        check_output_dir(args.output, is_checkpoint, args.overwrite)
         distributed.initialize(args.tp, args.pp)
         model, model_cfg = import_hf_model(args.input, precision=args.dtype, progress=True)
     has_tokenizer = any((Path(args.input) / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
-    save_checkpoint(args.output, [model], model_cfg, tokenizer_dir=args.input if has_tokenizer else None)
+    with report_user_errors():
+        save_checkpoint(args.output, [model], model_cfg, tokenizer_dir=args.input if has_tokenizer else None,
+                        overwrite=args.overwrite)
     log.info(f"wrote {args.output} ({model_cfg['hf_config']['model_type']}, {model_cfg['num_layers']} layers, "
              f"precision {model_cfg['precision']}{', with tokenizer' if has_tokenizer else ''})")
     distributed.destroy()

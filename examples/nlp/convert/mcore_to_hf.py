@@ -32,12 +32,15 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weight dtype (default: the original Hugging Face dtype, else the model's)")
     p.add_argument("--max-shard-size", default="2GB", type=_size, help="largest safetensors file, e.g. 5GB")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output even when it is a non-empty directory that is not an earlier output of ours")
     args = p.parse_args(argv)
 
     from pathlib import Path
 
     from nemo_aligner.checkpoint.distributed import CheckpointError, is_checkpoint, read_model_config
     from nemo_aligner.checkpoint.hf import export_hf_model
+    from nemo_aligner.checkpoint.output import check_output_dir, is_our_export
     from nemo_aligner.models.reward_model import is_reward_checkpoint, reward_model_from_checkpoint
     from nemo_aligner.utils import distributed
     from nemo_aligner.utils.entry import report_user_errors
@@ -48,6 +51,7 @@ def main(argv=None):
     with report_user_errors():
         if not is_checkpoint(args.input):
             raise CheckpointError(f"--input {args.input} is not one of our checkpoints (metadata.json + model_config.yaml)")
+        check_output_dir(args.output, is_our_export, args.overwrite)
         distributed.initialize(args.tp, args.pp)
         if is_reward_checkpoint(args.input):  # written as a *ForSequenceClassification model
             model, model_cfg = reward_model_from_checkpoint(args.input)
@@ -57,7 +61,7 @@ def main(argv=None):
         tokenizer = Path(args.input) / "tokenizer"
         out = export_hf_model(model, model_cfg, args.output, dtype=args.dtype,
                               tokenizer_dir=tokenizer if tokenizer.is_dir() else None,
-                              max_shard_size=args.max_shard_size, progress=True)
+                              max_shard_size=args.max_shard_size, progress=True, overwrite=args.overwrite)
     log.info(f"wrote {out}")
     distributed.destroy()
 
