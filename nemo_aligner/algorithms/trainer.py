@@ -17,6 +17,7 @@ and when ``max_time_per_run`` runs out), resuming, metrics (TensorBoard, metrics
 timers and a progress bar.
 """
 
+import contextlib
 import signal
 import time
 
@@ -308,7 +309,7 @@ class BaseTrainer:
                 val = self.validate()
             if self.metrics_logger is not None and val:
                 self.metrics_logger.log({**val, **self.timers.pop()}, 0)
-        with GracefulStop() as stop:
+        with GracefulStop() as stop, contextlib.closing(bar):
             while self.step < self.max_steps:
                 step_start = time.monotonic()
                 with self.timers.time("data"):
@@ -340,7 +341,6 @@ class BaseTrainer:
                     self.save()
                     saved_at = self.step
                 if signum:
-                    bar.close()
                     raise StoppedBySignal(signum, f"stopped by {signal.Signals(signum).name} after step {self.step}; "
                                                   "the checkpoint is saved: rerun the same command to resume")
                 if out_of_time:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
 from omegaconf import OmegaConf
 
 from nemo_aligner.checkpoint.output import check_output_dir, replace_dir
@@ -46,6 +47,10 @@ OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete, or does not match the model."""
+
+
+class CheckpointWriteError(RunError):
+    """A checkpoint could not be written (a full disk, a file-size limit, an I/O error)."""
 
 
 class NonFiniteWeightsError(RunError):
@@ -167,12 +172,14 @@ def save_checkpoint(
     tmp = path.with_name(f"{path.name}.tmp-{broadcast_object(os.getpid())}")
     try:
         _write_checkpoint(tmp, path, model_chunks, model_cfg, optimizer, trainer_state, tokenizer_dir)
-    except OSError as e:
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 -- OSError, a worker's error, torch's (a BaseException)
         if is_global_rank_zero():
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(
-            f"writing {path} failed ({e.strerror or e}); the partial copy was removed and earlier checkpoints "
-            "are untouched"
+        reason = (getattr(e, "strerror", None) or str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+        free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
+        raise CheckpointWriteError(
+            f"writing {path} failed ({reason[:200]}; {free / 2**20:.0f} MiB free there: a full disk or a file-size "
+            "limit?); the partial copy was removed and earlier checkpoints are untouched"
         ) from None
     return path
 
@@ -293,7 +300,7 @@ def load_checkpoint(path, model_chunks, optimizer=None, strict=True) -> dict:
             )
         if same_layout:
             sharded["rng_state"] = _rng_sharded_object()
-    with cuda_on_cpu(), unpickling_refused(path):
+    with cuda_on_cpu(), load_errors(path):
         # Unexpected keys are fine: a model-only load ignores the optimizer state.
         state = dist_checkpointing.load(sharded, str(path), strict="assume_ok_unexpected")
     _unwrap(model_chunks[0]).load_state_dict(state["model"], strict=strict)
@@ -307,8 +314,9 @@ def load_checkpoint(path, model_chunks, optimizer=None, strict=True) -> dict:
 
 
 @contextlib.contextmanager
-def unpickling_refused(path):
-    """An object in ``path``'s shards that is not plain data becomes a one-line error."""
+def load_errors(path):
+    """Reading ``path`` fails in one line: an object in its shards that is not plain data, or a
+    shard torch's reader cannot read (its ``CheckpointException`` is a ``BaseException``)."""
     try:
         yield
     except pickle.UnpicklingError:
@@ -316,6 +324,9 @@ def unpickling_refused(path):
             f"{path} stores an object that is not plain data; refusing to unpickle it (it could run code). "
             "Use checkpoints from a source you trust"
         ) from None
+    except CheckpointException as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} could not be read ({reason[:200]}); the checkpoint is damaged") from None
 
 
 def has_optimizer_state(path) -> bool:
@@ -325,11 +336,22 @@ def has_optimizer_state(path) -> bool:
 
 def read_trainer_state(path) -> dict:
     f = Path(path) / TRAINER_STATE
-    return json.loads(f.read_text()) if f.exists() else {}
+    if not f.exists():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f} is damaged ({e}); the checkpoint cannot be read") from None
 
 
 def read_model_config(path) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(Path(path) / MODEL_CONFIG), resolve=True)
+    f = Path(path) / MODEL_CONFIG
+    try:
+        return OmegaConf.to_container(OmegaConf.load(f), resolve=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{f} is missing; {path} is not a whole checkpoint") from None
+    except Exception as e:  # noqa: BLE001 -- YAML and interpolation errors alike
+        raise CheckpointError(f"{f} is damaged ({type(e).__name__}); the checkpoint cannot be read") from None
 
 
 def checkpoint_name(step: int, metric_name: str | None = None, metric=None) -> str:
@@ -347,7 +369,7 @@ def _step_of(path) -> int:
     """A checkpoint's step (from trainer_state.json, else its name; -1 when neither says)."""
     try:
         return int(read_trainer_state(path).get("step", -1))
-    except (ValueError, UnicodeDecodeError, OSError):
+    except (CheckpointError, ValueError, OSError):
         match = _STEP_RE.search(Path(path).name)
         return int(match.group(1)) if match else -1
 
@@ -433,7 +455,10 @@ class CheckpointManager:
         return path
 
     def _score(self, path):
-        value = (read_trainer_state(path).get("metrics") or {}).get(self.monitor)
+        try:
+            value = (read_trainer_state(path).get("metrics") or {}).get(self.monitor)
+        except CheckpointError:
+            value = None
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             return float("inf")  # missing or NaN ranks last, never best
         return value if self.mode == "min" else -value

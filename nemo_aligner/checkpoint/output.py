@@ -26,6 +26,8 @@ def is_our_export(path) -> bool:
 def check_output_dir(path, is_ours, overwrite: bool = False, what: str = "--output", hint: str = "--overwrite") -> None:
     """Raise ``ValueError`` when writing ``path`` would replace something that is not ours."""
     path = Path(path)
+    if path.resolve() == Path.cwd().resolve() or path.resolve() in Path.cwd().resolve().parents:
+        raise ValueError(f"{what}={path} is the working directory or one above it; write to a new directory")
     if path.exists() and not path.is_dir():
         raise ValueError(f"{what}={path} is a file; give a directory path")
     if path.is_dir() and any(path.iterdir()) and not is_ours(path) and not overwrite:
@@ -33,8 +35,6 @@ def check_output_dir(path, is_ours, overwrite: bool = False, what: str = "--outp
             f"{what}={path} is a non-empty directory that is not an earlier output of ours; choose another "
             f"path or pass {hint} to replace it"
         )
-    if path.resolve() == Path.cwd().resolve() or path.resolve() in Path.cwd().resolve().parents:
-        raise ValueError(f"{what}={path} is the working directory or one above it; write to a new directory")
 
 
 def replace_dir(tmp, path) -> Path:

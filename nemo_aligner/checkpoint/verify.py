@@ -36,6 +36,10 @@ _METADATA_GLOBALS = {
 }
 
 
+class _Refused(pickle.UnpicklingError):
+    """A global outside the allowlist (the message is ``module.name``)."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         allowed = _METADATA_GLOBALS.get(module, set())
@@ -45,7 +49,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         if module == "copyreg" and name == "_reconstructor":
             ok = True
         if not ok:
-            raise pickle.UnpicklingError(f"{module}.{name}")
+            raise _Refused(f"{module}.{name}")
         return super().find_class(module, name)
 
 
@@ -60,12 +64,13 @@ def safe_read_metadata(path):
             return _MetadataUnpickler(f).load()
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete (an interrupted copy?)") from None
-    except pickle.UnpicklingError as e:
+    except _Refused as e:
         raise CheckpointError(
             f"{path} refers to {e}, which checkpoint metadata never holds; refusing to load it "
             "(it could run code). Use checkpoints from a source you trust"
         ) from None
-    except (EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
+            KeyError) as e:
         raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e}); the checkpoint cannot be read") from None
 
 

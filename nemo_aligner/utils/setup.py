@@ -100,10 +100,10 @@ def init_distributed(cfg) -> None:
         keep_freed_memory()  # activations live in host memory: reuse it, don't page it in again
     num_layers = cfg_get(cfg, "model.num_layers", None)
     distributed.initialize(
-        tensor_model_parallel_size=int(cfg_get(cfg, "model.tensor_model_parallel_size", 1)),
-        pipeline_model_parallel_size=int(cfg_get(cfg, "model.pipeline_model_parallel_size", 1)),
-        seed=int(cfg_get(cfg, "seed", 1234)),
-        num_layers=None if num_layers is None else int(num_layers),
+        tensor_model_parallel_size=cfg_int(cfg, "model.tensor_model_parallel_size", 1, minimum=1),
+        pipeline_model_parallel_size=cfg_int(cfg, "model.pipeline_model_parallel_size", 1, minimum=1),
+        seed=cfg_int(cfg, "seed", 1234),
+        num_layers=None if num_layers is None else cfg_int(cfg, "model.num_layers", minimum=1),
     )
 
 
