@@ -14,6 +14,12 @@ for _pattern in (
 ):
     _warnings.filterwarnings("ignore", message=f".*{_pattern}.*", category=UserWarning)
 
+# Megatron-Core's distributed optimizer calls torch.distributed functions that torch has
+# renamed; the deprecation is Megatron's to act on, not a user's. Only those two messages
+# are silenced: every other FutureWarning (ours included) still shows.
+for _name in ("reduce_scatter_tensor", "all_gather_into_tensor"):
+    _warnings.filterwarnings("ignore", message=rf"`torch\.distributed\.{_name}` is deprecated", category=FutureWarning)
+
 
 def _import_megatron_core() -> None:
     """Import Megatron-Core with ``torch.compile`` deferred to first call.

@@ -19,6 +19,7 @@ from nemo_aligner.data.tokenizers import Tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 SFT_SCRIPT = ROOT / "examples/nlp/gpt/train_gpt_sft.py"
 DPO_SCRIPT = ROOT / "examples/nlp/gpt/train_gpt_dpo.py"
+KTO_SCRIPT = ROOT / "examples/nlp/gpt/train_gpt_kto.py"
 GRPO_SCRIPT = ROOT / "examples/nlp/gpt/train_gpt_grpo.py"
 REINFORCE_SCRIPT = ROOT / "examples/nlp/gpt/train_gpt_reinforce_actor.py"
 RM_SCRIPT = ROOT / "examples/nlp/gpt/train_reward_model.py"

@@ -30,7 +30,9 @@ def data_settings(cfg, model_cfg) -> dict:
 
 
 def data_paths(cfg) -> tuple[str, str | None]:
-    prefix = cfg_get(cfg, "model.data.data_prefix", {}) or {}
+    from nemo_aligner.data.datasets import data_prefix
+
+    prefix = data_prefix(cfg)
     if not prefix.get("train"):
         raise ValueError("set model.data.data_prefix.train to a JSONL file")
     return prefix["train"], prefix.get("validation")

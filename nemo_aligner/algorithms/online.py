@@ -303,7 +303,8 @@ def build_online_trainer(cfg, trainer_cls, settings: OnlineSettings, size_key: s
 
     from nemo_aligner.algorithms.reference import ReferenceWeights
     from nemo_aligner.algorithms.reward_sources import build_reward_source
-    from nemo_aligner.data.prompts import PromptDataset, PromptLoader, data_files
+    from nemo_aligner.data.datasets import data_files, data_prefix
+    from nemo_aligner.data.prompts import PromptDataset, PromptLoader
     from nemo_aligner.data.samplers import MegatronBatchSampler
     from nemo_aligner.utils import setup
 
@@ -324,8 +325,8 @@ def build_online_trainer(cfg, trainer_cls, settings: OnlineSettings, size_key: s
         )
     hint = f" (model.encoder_seq_length={context} minus {settings.key}.length_params.max_length={max_new})"
     data = cfg_get(cfg, "model.data", {}) or {}
-    prefix = data.get("data_prefix") or {}
-    if not isinstance(prefix, dict) or not prefix.get("train"):
+    prefix = data_prefix(cfg)
+    if not prefix.get("train"):
         raise ValueError("set model.data.data_prefix.train to a prompt JSONL file ({\"text\": ...} lines)")
     add_bos = bool(data.get("add_bos", False))
     train = PromptDataset(data_files(prefix["train"], "model.data.data_prefix.train"), tokenizer, max_prompt, add_bos, hint)

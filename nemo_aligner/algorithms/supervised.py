@@ -39,7 +39,7 @@ def build_sft_datasets(cfg, model_cfg, tokenizer):
     """Train and validation datasets (packed when ``model.data.packing.enabled``)."""
     from functools import partial
 
-    from nemo_aligner.data.datasets import DEFAULT_PROMPT_TEMPLATE, SFTDataset, sft_collate
+    from nemo_aligner.data.datasets import DEFAULT_PROMPT_TEMPLATE, SFTDataset, data_prefix, sft_collate
     from nemo_aligner.data.packing import PackedDataset
 
     data = cfg_get(cfg, "model.data")
@@ -59,7 +59,7 @@ def build_sft_datasets(cfg, model_cfg, tokenizer):
             add_eos=bool(data.get("add_eos", True)),
         )
 
-    prefix = data.get("data_prefix") or {}
+    prefix = data_prefix(cfg)
     if not prefix.get("train"):
         raise ValueError("set model.data.data_prefix.train to a JSONL file")
     from nemo_aligner.algorithms.group_data import log_dataset

@@ -15,7 +15,8 @@ from nemo_aligner.data.errors import DataError
 from nemo_aligner.data.templates import DEFAULT_PROMPT_TEMPLATE, check_prompt_template, render_chat_segments, render_prompt
 from nemo_aligner.data.tokenizers import Tokenizer
 
-__all__ = ["DataError", "read_jsonl", "write_jsonl", "SFTDataset", "sft_collate", "make_padding_sample"]
+__all__ = ["DataError", "read_jsonl", "read_data_files", "data_files", "data_prefix", "write_jsonl", "SFTDataset",
+           "sft_collate", "make_padding_sample"]
 
 TRUNCATION_POLICIES = ("error", "truncate", "drop")
 _SFT_FIELDS_HINT = "SFT lines need 'input' and 'output', or 'conversations'"
@@ -51,6 +52,49 @@ def read_jsonl(path: str) -> list[tuple[int, dict]]:
     if not samples:
         raise DataError(f"{path}:1: file has no samples (it is empty or blank); point the data path at a JSONL file with one JSON object per line")
     return samples
+
+
+def data_files(value, key: str = "model.data.data_prefix") -> list[str]:
+    """The file(s) of a data path setting: one path, or NeMo-Aligner's list of paths (read in
+    order); anything else is a ``ValueError`` naming ``key``."""
+    if isinstance(value, (str, os.PathLike)):
+        return [str(value)]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (str, os.PathLike)) for v in value):
+        return [str(v) for v in value]
+    raise ValueError(f"{key}={value!r}; give a JSONL path or a list of JSONL paths")
+
+
+def display_path(value) -> str:
+    """How a path setting is named in messages (a list of files joined by commas)."""
+    return ", ".join(data_files(value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def read_data_files(value, key: str = "model.data.data_prefix") -> list[tuple[str, dict]]:
+    """``[("file:line", object), ...]`` of every file of ``value`` (see :func:`data_files`), in
+    order; each error names its own file and line (see :func:`read_jsonl`)."""
+    out = []
+    for path in data_files(value, key):
+        out.extend((f"{path}:{line_no}", obj) for line_no, obj in read_jsonl(path))
+    return out
+
+
+def data_prefix(cfg) -> dict:
+    """``model.data.data_prefix`` as ``{"train", "validation", "test"}`` (values: a path, a list
+    of paths, or None); a value of another shape is a one-line error."""
+    from nemo_aligner.utils.config import cfg_get
+
+    prefix = cfg_get(cfg, "model.data.data_prefix", None)
+    if prefix is None:
+        return {}
+    if not isinstance(prefix, dict):
+        raise ValueError(
+            f"model.data.data_prefix={prefix!r}; it takes the splits: model.data.data_prefix.train=FILE "
+            "(and .validation), or model.data.data_prefix='{train: FILE, validation: FILE}'"
+        )
+    for split, value in prefix.items():
+        if value is not None:
+            data_files(value, f"model.data.data_prefix.{split}")
+    return prefix
 
 
 def check_tokenization_options(tokenizer: Tokenizer, truncation: str, add_bos: bool, add_eos: bool) -> None:
@@ -124,15 +168,15 @@ class SFTDataset(torch.utils.data.Dataset):
     ):
         check_tokenization_options(tokenizer, truncation, add_bos, add_eos)
         check_prompt_template(prompt_template)
-        self.path = str(path)
+        self.path = display_path(path)
+        self.files = data_files(path)
         self.max_seq_length = max_seq_length
         self.truncation = truncation
         self.num_truncated = 0
         self.num_dropped = 0
         self._ids: list[torch.Tensor] = []
         self._masks: list[torch.Tensor] = []
-        for line_no, sample in read_jsonl(self.path):
-            where = f"{self.path}:{line_no}"
+        for where, sample in read_data_files(self.files):
             try:
                 segments = sft_segments(sample, prompt_template, tokenizer.chat_template)
             except ValueError as e:

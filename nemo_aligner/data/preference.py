@@ -36,7 +36,7 @@ import copy
 
 import torch
 
-from nemo_aligner.data.datasets import check_tokenization_options, read_jsonl, sft_collate
+from nemo_aligner.data.datasets import check_tokenization_options, data_files, display_path, read_data_files, sft_collate
 from nemo_aligner.data.errors import DataError
 from nemo_aligner.data.packing import PackedDataset
 from nemo_aligner.data.templates import render_chat_segments
@@ -126,7 +126,8 @@ class _Tokenized:
     def __init__(self, path, tokenizer: Tokenizer, max_seq_length: int, truncation: str,
                  add_bos: bool, add_eos: bool, shift: bool):
         check_tokenization_options(tokenizer, truncation, add_bos, add_eos)
-        self.path = str(path)
+        self.path = display_path(path)
+        self.files = data_files(path)
         self.tokenizer = tokenizer
         self.max_seq_length = int(max_seq_length)
         self.truncation = truncation
@@ -206,8 +207,7 @@ class PreferenceDataset(torch.utils.data.Dataset, _Tokenized):
         self.shared = []  # leading tokens the rejected sequence shares with the chosen one
         self.num_identical = 0  # pairs whose chosen and rejected sequences are the same tokens
         gt, margins = [], []
-        for line_no, sample in read_jsonl(self.path):
-            where = f"{self.path}:{line_no}"
+        for where, sample in read_data_files(self.files):
             try:
                 texts, rewards, margin = self._parse(sample, require_gt_rewards, require_margin, tokenizer.chat_template)
             except ValueError as e:
@@ -242,7 +242,7 @@ class PreferenceDataset(torch.utils.data.Dataset, _Tokenized):
         rc, rr = _number(sample, "chosen_reward"), _number(sample, "rejected_reward")
         if require_gt_rewards and (rc is None or rr is None):
             missing = "chosen_reward" if rc is None else "rejected_reward"
-            raise ValueError(f"missing field '{missing}'; the rpo_* losses need 'chosen_reward' and 'rejected_reward' on every line")
+            raise ValueError(f"missing field '{missing}'; the rpo_* and scale losses need 'chosen_reward' and 'rejected_reward' on every line")
         margin = _number(sample, "margin")
         if margin is None and rc is not None and rr is not None:
             margin = rc - rr
@@ -280,8 +280,7 @@ class RegressionRewardDataset(torch.utils.data.Dataset, _Tokenized):
         _Tokenized.__init__(self, path, tokenizer, max_seq_length, truncation, add_bos, add_eos, shift=False)
         self.num_attributes = int(num_attributes)
         self.samples, labels = [], []
-        for line_no, sample in read_jsonl(self.path):
-            where = f"{self.path}:{line_no}"
+        for where, sample in read_data_files(self.files):
             try:
                 text, label = self._parse(sample)
             except ValueError as e:
@@ -346,8 +345,7 @@ class RewardScoringDataset(torch.utils.data.Dataset, _Tokenized):
     def __init__(self, path, tokenizer, max_seq_length, *, truncation="error", add_bos=False, add_eos=True):
         _Tokenized.__init__(self, path, tokenizer, max_seq_length, truncation, add_bos, add_eos, shift=False)
         self.lines, self.kinds, self.sequences = [], [], []
-        for line_no, sample in read_jsonl(self.path):
-            where = f"{self.path}:{line_no}"
+        for where, sample in read_data_files(self.files):
             try:
                 kind, pieces = self._parse(sample, tokenizer.chat_template)
             except ValueError as e:
@@ -416,8 +414,7 @@ class KTODataset(torch.utils.data.Dataset, _Tokenized):
     def __init__(self, path, tokenizer, max_seq_length, *, truncation="error", add_bos=False, add_eos=True, seed=1234):
         _Tokenized.__init__(self, path, tokenizer, max_seq_length, truncation, add_bos, add_eos, shift=True)
         self.samples, flags = [], []  # (prefix ids, response ids, fitted ids, fitted mask)
-        for line_no, sample in read_jsonl(self.path):
-            where = f"{self.path}:{line_no}"
+        for where, sample in read_data_files(self.files):
             try:
                 for field in ("prompt", "response", "preference"):
                     if field not in sample:

@@ -7,43 +7,32 @@ once, eagerly, and every one must leave room for the response: a prompt longer t
 the file and line, raised before anything is written.
 """
 
-from nemo_aligner.data.datasets import read_jsonl
+from nemo_aligner.data.datasets import data_files, read_data_files
 from nemo_aligner.data.errors import DataError
-
-
-def data_files(value, key: str) -> list[str]:
-    """The file(s) of a ``model.data.data_prefix.<split>`` value: a path, or NeMo-Aligner's
-    list of paths (read in order)."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise ValueError(f"{key}={value!r}; give a JSONL path or a list of JSONL paths")
 
 
 class PromptDataset:
     """Tokenized prompts; ``dataset[i]`` is ``{"index", "prompt_ids", "text", "sample"}``."""
 
     def __init__(self, paths, tokenizer, max_prompt_length: int, add_bos: bool = False, limit_hint: str = ""):
-        self.paths = [paths] if isinstance(paths, str) else list(paths)
+        self.paths = data_files(paths)
         self.path = ", ".join(self.paths)
         if add_bos and tokenizer.bos_id is None:
             raise ValueError("model.data.add_bos=true but the tokenizer has no BOS token; set it to false")
         self.items = []
-        for path in self.paths:
-            for line_no, row in read_jsonl(path):
-                text = row.get("text")
-                if not isinstance(text, str) or not text:
-                    what = "missing field 'text'" if text is None else "field 'text' must be a non-empty string"
-                    raise DataError(f"{path}:{line_no}: {what}; each prompt line needs {{\"text\": prompt}}")
-                ids = ([tokenizer.bos_id] if add_bos else []) + tokenizer.text_to_ids(text)
-                if len(ids) > max_prompt_length:
-                    raise DataError(
-                        f"{path}:{line_no}: prompt has {len(ids)} tokens but at most {max_prompt_length} fit"
-                        f"{limit_hint}; shorten the prompt, raise model.encoder_seq_length or lower the "
-                        "response length"
-                    )
-                self.items.append({"index": len(self.items), "prompt_ids": ids, "text": text, "sample": row})
+        for where, row in read_data_files(self.paths):
+            text = row.get("text")
+            if not isinstance(text, str) or not text:
+                what = "missing field 'text'" if text is None else "field 'text' must be a non-empty string"
+                raise DataError(f"{where}: {what}; each prompt line needs {{\"text\": prompt}}")
+            ids = ([tokenizer.bos_id] if add_bos else []) + tokenizer.text_to_ids(text)
+            if len(ids) > max_prompt_length:
+                raise DataError(
+                    f"{where}: prompt has {len(ids)} tokens but at most {max_prompt_length} fit"
+                    f"{limit_hint}; shorten the prompt, raise model.encoder_seq_length or lower the "
+                    "response length"
+                )
+            self.items.append({"index": len(self.items), "prompt_ids": ids, "text": text, "sample": row})
 
     def __len__(self) -> int:
         return len(self.items)

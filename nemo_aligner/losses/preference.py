@@ -22,12 +22,20 @@ Paired losses (``loss_type`` of :func:`preference_loss`), each ``[B]``:
   ``γ = simpo_gamma``. Meng et al. 2024, "SimPO". The reference log-probs are ignored.
 - ``rpo_sq``: ``(m - g)²``. Nemotron-4 340B technical report (NVIDIA 2024), "Reward-aware
   Preference Optimization" with the squared distance.
-- ``rpo_fwd_kl``: ``KL(Bern(σ(g)) || Bern(σ(m)))
-  = σ(g)(log σ(g) - log σ(m)) + σ(-g)(log σ(-g) - log σ(-m))``: the distance the Nemotron-4
-  report uses, fitting the model's preference probability σ(m) to the target σ(g).
-- ``rpo_bwd_kl``: ``KL(Bern(σ(m)) || Bern(σ(g)))
-  = σ(m)(log σ(m) - log σ(g)) + σ(-m)(log σ(-m) - log σ(-g))``. Sun et al. 2025,
-  "Reward-aware Preference Optimization: A Unified Mathematical Framework" (RPO-bwd).
+- ``rpo_bwd_kl``: ``KL(Bern(σ(g)) || Bern(σ(m)))
+  = σ(g)(log σ(g) - log σ(m)) + σ(-g)(log σ(-g) - log σ(-m))``, KL(target || model): the
+  distance of the Nemotron-4 report, fitting the model's preference probability σ(m) to the
+  target σ(g). NeMo-Aligner's name and definition.
+- ``rpo_fwd_kl``: ``KL(Bern(σ(m)) || Bern(σ(g)))
+  = σ(m)(log σ(m) - log σ(g)) + σ(-m)(log σ(-m) - log σ(-g))``, KL(model || target)
+  (NeMo-Aligner's ``rpo_fwd_kl``).
+
+  (Before 2026-12 these two names were the other way round here; configs written for this
+  toolkit before then that name ``rpo_fwd_kl`` now get the other loss. NeMo-Aligner configs
+  carry over unchanged.)
+- ``scale``: ``|r*_c - r*_r| · (-log σ(m))``: the DPO loss of each pair weighted by its
+  ground-truth reward margin (NeMo-Aligner's ``scale``; its code multiplies the margins by the
+  batch-mean DPO loss, an operator-precedence slip; the per-pair product is what it means).
 
 Unpaired: :func:`kto_loss` (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect
 Theoretic Optimization").
@@ -39,8 +47,8 @@ Every function works in the dtype of its inputs (float64 for ``gradcheck``) and 
 import torch
 import torch.nn.functional as F
 
-PAIRED_LOSSES = ("dpo", "ipo", "hinge", "simpo", "rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl")
-GT_REWARD_LOSSES = ("rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl")
+PAIRED_LOSSES = ("dpo", "ipo", "hinge", "simpo", "rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl", "scale")
+GT_REWARD_LOSSES = ("rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl", "scale")
 REFERENCE_FREE_LOSSES = ("simpo",)
 
 
@@ -68,7 +76,8 @@ def preference_loss(
     """Per-pair loss ``[B]`` of ``loss_type`` (see the module docstring for the formulas).
 
     All log-prob arguments are ``[B]``. The reference log-probs may be ``None`` only for the
-    reference-free ``simpo``; the ground-truth rewards are required by the ``rpo_*`` losses.
+    reference-free ``simpo``; the ground-truth rewards are required by the ``rpo_*`` losses and
+    ``scale``.
     """
     if loss_type not in PAIRED_LOSSES:
         raise ValueError(f"preference loss {loss_type!r} is unknown; choose one of {PAIRED_LOSSES}")
@@ -92,12 +101,14 @@ def preference_loss(
         return torch.relu(1.0 - m)
     if chosen_gt_rewards is None or rejected_gt_rewards is None:
         raise ValueError(f"loss {loss_type!r} needs chosen_gt_rewards and rejected_gt_rewards")
+    if loss_type == "scale":
+        return (chosen_gt_rewards - rejected_gt_rewards).to(m.dtype).abs() * -F.logsigmoid(m)
     g = gt_reward_scale * (chosen_gt_rewards - rejected_gt_rewards).to(m.dtype)
     if loss_type == "rpo_sq":
         return (m - g) ** 2
-    if loss_type == "rpo_fwd_kl":
+    if loss_type == "rpo_bwd_kl":  # KL(target || model)
         return _bernoulli_kl(g, m)
-    return _bernoulli_kl(m, g)  # rpo_bwd_kl
+    return _bernoulli_kl(m, g)  # rpo_fwd_kl: KL(model || target)
 
 
 def kto_kl_estimate(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, weights=None) -> torch.Tensor:

@@ -35,9 +35,11 @@ def run_training(cfg, build_trainer) -> None:
     from nemo_aligner.utils import distributed
     from nemo_aligner.utils.logging import get_logger
 
+    log = get_logger()
+    if distributed.is_global_rank_zero():
+        log.info(f"command: {' '.join(sys.argv)}")
     with report_user_errors():
         trainer = build_trainer(cfg)
-    log = get_logger()
     from nemo_aligner.utils.signals import StoppedBySignal
 
     try:

@@ -29,18 +29,22 @@ def _jsonable(value):
 
 class MetricsLogger:
     """Appends one JSON object per logged step to ``<log_dir>/metrics.jsonl`` and writes
-    the same scalars as TensorBoard events in ``<log_dir>/tensorboard``.
+    the same scalars as TensorBoard events in ``<log_dir>/tensorboard`` (and the run's resolved
+    config as ``<log_dir>/config.yaml``, when given).
 
     Nothing is created on disk before the first row is logged, so a run that fails before
     its first step (a bad reward function, a server that is down) leaves no directory behind.
     """
 
-    def __init__(self, log_dir, tensorboard: bool = True):
+    def __init__(self, log_dir, tensorboard: bool = True, config_yaml: str | None = None, wandb_kwargs=None):
         self.enabled = is_global_rank_zero()
         self.log_dir = Path(log_dir)
         self.jsonl_path = self.log_dir / "metrics.jsonl"
         self.tensorboard = tensorboard
+        self.config_yaml = config_yaml  # the run's resolved config, written as config.yaml
+        self.wandb_kwargs = wandb_kwargs  # None: no Weights & Biases run
         self._writer = None
+        self._wandb = None
         self._opened = False
 
     def _open(self) -> None:
@@ -48,10 +52,20 @@ class MetricsLogger:
             return
         self._opened = True
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.config_yaml is not None:
+            tmp = self.log_dir / "config.yaml.tmp"
+            tmp.write_text(self.config_yaml)
+            os.replace(tmp, self.log_dir / "config.yaml")
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(self.log_dir / "tensorboard"))
+        if self.wandb_kwargs is not None:
+            import wandb
+            import yaml
+
+            config = yaml.safe_load(self.config_yaml) if self.config_yaml else None
+            self._wandb = wandb.init(dir=str(self.log_dir), config=config, **self.wandb_kwargs)
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.enabled:
@@ -60,10 +74,12 @@ class MetricsLogger:
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         with open(self.jsonl_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if self._writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._writer.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self._writer.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
 
     def discard_after(self, step: int, names=("metrics.jsonl", "rollouts.jsonl")) -> None:
         """Drop rows that a resumed run will log again: those after ``step`` (all of them when
@@ -98,3 +114,26 @@ class MetricsLogger:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def wandb_settings(cfg):
+    """``exp_manager.wandb_logger_kwargs`` when ``exp_manager.create_wandb_logger`` is set
+    (NeMo's keys), else None; a missing ``wandb`` package is a one-line error."""
+    from nemo_aligner.utils.config import cfg_get
+
+    if not cfg_get(cfg, "exp_manager.create_wandb_logger", False):
+        return None
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        from nemo_aligner.generation.engine import MissingDependencyError
+
+        raise MissingDependencyError(
+            "exp_manager.create_wandb_logger=true needs the wandb package: pip install wandb "
+            "(or set exp_manager.create_wandb_logger=false)"
+        ) from None
+    kwargs = dict(cfg_get(cfg, "exp_manager.wandb_logger_kwargs", {}) or {})
+    return {k: v for k, v in kwargs.items() if v is not None}

@@ -107,22 +107,30 @@ def init_distributed(cfg) -> None:
     )
 
 
+# The quickstart tokenizer: the default only when neither the config nor the model provides one.
+BUNDLED_TOKENIZER = Path(__file__).resolve().parents[2] / "data/quickstart/tokenizer.json"
+
+
 def tokenizer_source(cfg) -> str:
-    """``model.tokenizer.model`` if set, else the tokenizer saved in the restored checkpoint."""
+    """The tokenizer a run uses, in this order: ``model.tokenizer.model`` when set; else the one
+    saved with ``pretrained_checkpoint.restore_from_path`` (our checkpoint's ``tokenizer/``, or
+    the Hugging Face directory's files); else the bundled quickstart tokenizer."""
     path = cfg_get(cfg, "model.tokenizer.model", None)
-    if path is None:
-        ckpt = restore_path(cfg)
-        if ckpt is not None and (ckpt / "tokenizer").is_dir():
-            return str(ckpt / "tokenizer")
-        if ckpt is not None and is_hf_dir(ckpt) and any(
-            (ckpt / name).is_file() for name in ("tokenizer.json", "tokenizer.model")
-        ):
-            return str(ckpt)
-        raise ValueError(
-            "no tokenizer: set model.tokenizer.model to a tokenizer.json, a SentencePiece "
-            ".model file or a directory holding one"
-        )
-    return str(path)
+    if path is not None:
+        return str(path)
+    ckpt = restore_path(cfg)
+    if ckpt is not None and (ckpt / "tokenizer").is_dir():
+        return str(ckpt / "tokenizer")
+    if ckpt is not None and is_hf_dir(ckpt) and any(
+        (ckpt / name).is_file() for name in ("tokenizer.json", "tokenizer.model")
+    ):
+        return str(ckpt)
+    if ckpt is None and BUNDLED_TOKENIZER.is_file():
+        return str(BUNDLED_TOKENIZER)
+    raise ValueError(
+        f"no tokenizer: {'the checkpoint ' + str(ckpt) + ' holds none; ' if ckpt is not None else ''}set "
+        "model.tokenizer.model to a tokenizer.json, a SentencePiece .model file or a directory holding one"
+    )
 
 
 def build_tokenizer(cfg):
@@ -214,6 +222,14 @@ def checkpoint_manager(cfg) -> CheckpointManager:
     )
 
 
+def resolved_yaml(cfg) -> str:
+    """``cfg`` as YAML with its interpolations resolved (as it ran), for ``config.yaml``."""
+    try:
+        return OmegaConf.to_yaml(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 -- a plain dict, or an interpolation that cannot resolve
+        return OmegaConf.to_yaml(OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg)
+
+
 def data_parallel_info():
     return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
 
@@ -235,7 +251,7 @@ def model_from_checkpoint(path):
 
 def finish_build(cfg, trainer, model_cfg, model):
     """Optimizer and LR schedule, resume from the latest checkpoint, metrics logger."""
-    from nemo_aligner.utils.logging import MetricsLogger
+    from nemo_aligner.utils.logging import MetricsLogger, wandb_settings
 
     trainer.optimizer, trainer.scheduler = build_optimization(
         cfg, model_cfg, model, trainer.algo, trainer.max_steps * trainer.optimizer_steps_per_step
@@ -248,5 +264,5 @@ def finish_build(cfg, trainer, model_cfg, model):
             trainer.restore(latest)
     else:
         start_over_guard(cfg, trainer.checkpoint_manager)
-    trainer.metrics_logger = MetricsLogger(log_dir(cfg))
+    trainer.metrics_logger = MetricsLogger(log_dir(cfg), config_yaml=resolved_yaml(cfg), wandb_kwargs=wandb_settings(cfg))
     return trainer

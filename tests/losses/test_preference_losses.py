@@ -23,11 +23,6 @@ def sigmoid(x: float) -> float:
     return math.exp(log_sigmoid(x))
 
 
-def bern_kl(a: float, b: float) -> float:
-    """KL(Bern(σ(a)) || Bern(σ(b)))."""
-    return sigmoid(a) * (log_sigmoid(a) - log_sigmoid(b)) + sigmoid(-a) * (log_sigmoid(-a) - log_sigmoid(-b))
-
-
 def by_hand(loss_type, pc, pr, rc, rr, beta, gc, gr, eta, eps=0.0, gamma=0.0):
     h = (pc - pr) - (rc - rr)
     m = beta * h
@@ -42,10 +37,15 @@ def by_hand(loss_type, pc, pr, rc, rr, beta, gc, gr, eta, eps=0.0, gamma=0.0):
         return -log_sigmoid(beta * (pc - pr) - gamma)
     if loss_type == "rpo_sq":
         return (m - g) ** 2
-    if loss_type == "rpo_fwd_kl":
-        return bern_kl(g, m)
+    # NeMo-Aligner's definitions, as written there: rpo_bwd_kl is KL(target || model),
+    # rpo_fwd_kl is KL(model || target), with target σ(g) and model σ(m).
+    sig = sigmoid
     if loss_type == "rpo_bwd_kl":
-        return bern_kl(m, g)
+        return sig(g) * (log_sigmoid(g) - log_sigmoid(m)) + sig(-g) * (log_sigmoid(-g) - log_sigmoid(-m))
+    if loss_type == "rpo_fwd_kl":
+        return sig(m) * (log_sigmoid(m) - log_sigmoid(g)) + sig(-m) * (log_sigmoid(-m) - log_sigmoid(-g))
+    if loss_type == "scale":
+        return abs(gc - gr) * -log_sigmoid(m)
     raise AssertionError(loss_type)
 
 
@@ -76,7 +76,20 @@ def test_paired_loss_matches_hand_computation(loss_type, seed, scale, beta):
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("loss_type", ["dpo", "rpo_fwd_kl", "rpo_bwd_kl", "simpo"])
+def test_rpo_kl_names_follow_nemo_aligner():
+    """Model σ(m) = 0.5 (no margin), target σ(g) = 0.75 (g = ln 3): the two directions differ."""
+    zero = torch.zeros(1, dtype=torch.float64)
+    kw = dict(beta=1.0, chosen_gt_rewards=torch.tensor([math.log(3.0)], dtype=torch.float64),
+              rejected_gt_rewards=zero.clone())
+    bwd = preference_loss(zero, zero, zero, zero, loss_type="rpo_bwd_kl", **kw).item()
+    fwd = preference_loss(zero, zero, zero, zero, loss_type="rpo_fwd_kl", **kw).item()
+    assert bwd == pytest.approx(0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5))  # KL(target || model)
+    assert fwd == pytest.approx(0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25))  # KL(model || target)
+    scale = preference_loss(zero, zero, zero, zero, loss_type="scale", **kw).item()
+    assert scale == pytest.approx(math.log(3.0) * math.log(2.0))  # |Δr*| · DPO at m = 0
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "rpo_fwd_kl", "rpo_bwd_kl", "scale", "simpo"])
 def test_extreme_margins_stay_finite_in_float32(loss_type):
     """Margins of ±1e4 (float32): no inf/nan in the loss or its gradient."""
     pc = torch.tensor([0.0, -1e5, 0.0], requires_grad=True)

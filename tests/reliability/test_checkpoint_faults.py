@@ -235,3 +235,12 @@ def test_poisoned_common_pt_runs_nothing(trained, tmp_path):
     assert proc.returncode == 1
     assert f"{ckpt}/common.pt" in one_error_line(proc)
     assert not marker.exists() and not (tmp_path / "logs").exists()
+
+
+def test_hf_to_mcore_refuses_an_output_that_is_a_file(trained, tmp_path):
+    hf = tmp_path / "hf"
+    run(TO_HF, ["--input", str(trained / "final_model"), "--output", str(hf)])
+    f = tmp_path / "ckpt"
+    f.write_text("x")
+    proc = run(TO_MCORE, ["--input", str(hf), "--output", str(f)], check=False)
+    assert proc.returncode == 1 and "is a file" in one_error_line(proc) and f.read_text() == "x"
