@@ -30,6 +30,7 @@ from nemo_aligner.algorithms.reference import (
     REFERENCE_MODES,
     ReferenceWeights,
     attach_reference_logps,
+    items_used,
     precompute_reference_logps,
     sequence_logps,
 )
@@ -292,14 +293,25 @@ class KTOTrainer(DPOTrainer):
 
 
 # ------------------------------------------------------------------------------- builders
-def _setup_reference(cfg, settings, model, datasets, collate, micro_batch_size):
-    """Precompute reference log-probs into the datasets, or keep the weights for swapping."""
+def _setup_reference(trainer, settings, model, datasets, collate, micro_batch_size):
+    """Precompute reference log-probs into the datasets, or keep the weights for swapping.
+
+    Only what the run reads is precomputed: the training samples of its ``max_steps`` global
+    batches, and the validation samples of ``limit_val_batches`` batches."""
     if not settings.needs_reference:
         return None
     if settings.ref_logprobs == "swap":
         return ReferenceWeights(model)
+    loaders = {"train": trainer.train_loader, "validation": trainer.val_loader}
     for name, (ds, base) in datasets.items():
-        precompute_reference_logps(model, ds, base, collate, micro_batch_size, desc=f"reference log-probs ({name})")
+        sampler = loaders[name].sampler
+        if name == "train":
+            items = items_used(sampler, trainer.max_steps)
+        else:
+            batches = sampler.steps_per_epoch if trainer.limit_val_batches is None else trainer.limit_val_batches
+            items = [i for n, b in enumerate(sampler._global_batches(0, 0)) if n < batches for i in b]
+        precompute_reference_logps(model, ds, base, collate, micro_batch_size, desc=f"reference log-probs ({name})",
+                                   items=items)
     return None
 
 
@@ -326,12 +338,13 @@ def _build(cfg, trainer_cls, settings, make_dataset):
     datasets = {"train": (train_ds, base_train)}
     if base_val is not None:
         datasets["validation"] = (val_ds, base_val)
-    reference = _setup_reference(cfg, settings, model, datasets, collate, int(model_cfg["micro_batch_size"]))
     trainer = trainer_cls(
         cfg, model, None, None, train_loader, val_loader,
         checkpoint_manager=setup.checkpoint_manager(cfg), model_cfg_to_save=model_cfg,
-        tokenizer_dir=tokenizer_src, settings=settings, reference=reference,
+        tokenizer_dir=tokenizer_src, settings=settings,
     )
+    # The initial weights (before any resume): the reference a resumed run must keep using.
+    trainer.reference = _setup_reference(trainer, settings, model, datasets, collate, int(model_cfg["micro_batch_size"]))
     return setup.finish_build(cfg, trainer, model_cfg, model)
 
 

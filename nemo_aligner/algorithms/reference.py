@@ -56,28 +56,58 @@ def _reference_sums(logits, batch):
 
 @torch.no_grad()
 def precompute_reference_logps(model_chunks, dataset, base_dataset, collate_fn, micro_batch_size: int,
-                               desc: str = "reference log-probs") -> None:
+                               desc: str = "reference log-probs", items=None) -> None:
     """Fill ``base_dataset.ref_logps`` (``[N, 2]``) with the current weights' log-prob sums.
 
     ``dataset`` yields groups of ``base_dataset``'s samples (the dataset itself, or its
-    packs); data-parallel ranks split its items, every rank ends with all the values.
-    Must be called by every rank.
+    packs); ``items`` are the indices of ``dataset`` to compute (default: all of them; the
+    samples of the others keep NaN, so using one by mistake shows as a NaN loss). Data-parallel
+    ranks split the items, every rank ends with all the values. Must be called by every rank.
     """
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    mine = list(range(dp_rank, len(dataset), dp_size))
+    items = sorted(set(range(len(dataset)) if items is None else items))
+    mine = items[dp_rank::dp_size]
     values = torch.zeros(len(base_dataset), 2, dtype=torch.float64)
+    computed = torch.zeros(len(base_dataset), dtype=torch.float64)
     chunks = [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
     for chunk in tqdm(chunks, desc=desc, disable=not is_global_rank_zero(), dynamic_ncols=True):
         batch = collate_fn([dataset[i] for i in chunk])
         sums = forward_only_collect(model_chunks, [batch], _reference_sums)
         if sums is not None:
             values[batch["sample_ids"]] = sums[0].view(-1, 2).double()
+            computed[batch["sample_ids"]] = 1.0
     if dist.is_initialized():
         # Each sample is computed once, on one data-parallel rank's last pipeline stage.
-        dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
-        dist.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
+        for tensor in (values, computed):
+            dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
+            dist.all_reduce(tensor, group=parallel_state.get_pipeline_model_parallel_group())
+    values[computed == 0] = float("nan")
     base_dataset.ref_logps.copy_(values.float())
+
+
+def items_used(sampler, steps: int, start: int = 0) -> list[int]:
+    """The dataset indices ``sampler`` gives every data-parallel rank over ``steps`` global
+    batches from ``consumed_samples == start`` (what a run of that many steps reads)."""
+    import copy
+
+    probe = copy.copy(sampler)
+    probe.consumed_samples = start
+    used = []
+    for step, global_batch in enumerate(_global_batches(probe)):
+        if step >= steps:
+            break
+        used.extend(global_batch)
+    return used
+
+
+def _global_batches(sampler):
+    """Whole global batches (all data-parallel ranks), in the order the sampler yields them."""
+    while True:
+        epoch, begin = divmod(sampler.consumed_samples, sampler.samples_per_epoch)
+        for batch in sampler._global_batches(epoch, begin):
+            sampler.consumed_samples += len(batch)
+            yield batch
 
 
 class ReferenceWeights:

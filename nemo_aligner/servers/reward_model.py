@@ -128,7 +128,10 @@ class RuleScorer:
 
 
 def check_port_free(host: str, port: int) -> None:
+    """Fail in one line when another server listens on ``host:port`` (with SO_REUSEADDR, as
+    Triton binds, so connections that recently closed there do not count)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
