@@ -4,7 +4,14 @@ reward models): data settings, packing and step loaders."""
 from functools import partial
 
 from nemo_aligner.data.loader import StepLoader
-from nemo_aligner.data.preference import PackedGroupDataset, group_collate, group_length, padding_group
+from nemo_aligner.data.preference import (
+    PackedGroupDataset,
+    group_collate,
+    group_length,
+    merged_length,
+    micro_batch_collate,
+    padding_group,
+)
 from nemo_aligner.data.samplers import MegatronBatchSampler
 from nemo_aligner.utils import setup
 from nemo_aligner.utils.config import cfg_get
@@ -104,6 +111,14 @@ def share_prompt(cfg) -> bool:
     return True
 
 
+def padding_free(cfg) -> bool:
+    """``model.data.padding_free`` (default true): each micro-batch's sequences in one row, no
+    padding between them (``global_batch_size`` still counts groups); off with dataset-level
+    packing, which already leaves no padding."""
+    packing = cfg_get(cfg, "model.data.packing", {}) or {}
+    return bool(cfg_get(cfg, "model.data.padding_free", True)) and not packing.get("enabled", False)
+
+
 def group_loaders(cfg, model_cfg, train_ds, val_ds, pad_id: int):
     """Step loaders over group datasets (packed or not), and their collate function."""
     dp_rank, dp_size = setup.data_parallel_info()
@@ -111,14 +126,20 @@ def group_loaders(cfg, model_cfg, train_ds, val_ds, pad_id: int):
     gbs, mbs = int(model_cfg["global_batch_size"]), int(model_cfg["micro_batch_size"])
     seed = int(cfg_get(cfg, "seed", 1234))
     multiple = 8 * int(model_cfg.get("tensor_model_parallel_size", 1))
-    collate = partial(group_collate, pad_id=pad_id)
+    row_length = None
+    if padding_free(cfg):
+        share = share_prompt(cfg)
+        collate = partial(micro_batch_collate, pad_id=pad_id, share_prefix=share)
+        row_length = partial(merged_length, share_prefix=share)
+    else:
+        collate = partial(group_collate, pad_id=pad_id)
 
     def loader(ds, shuffle, drop_last):
         sampler = MegatronBatchSampler(
             len(ds), 0, gbs, dp_rank, dp_size, drop_last=drop_last, shuffle=shuffle, seed=seed
         )
         return StepLoader(ds, sampler, mbs, collate, pad_to_multiple_of=multiple,
-                          sample_length=group_length, padding_sample=padding_group)
+                          sample_length=group_length, padding_sample=padding_group, row_length=row_length)
 
     train = loader(train_ds, bool(data.get("shuffle", True)), bool(data.get("drop_last", True)))
     val = loader(val_ds, False, False) if val_ds is not None else None

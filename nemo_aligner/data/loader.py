@@ -24,7 +24,9 @@ class StepLoader:
     """Iterable of :class:`StepBatch` for one data-parallel rank.
 
     ``collate_fn(samples, pad_to=...)`` batches a list of dataset items.
-    ``sample_length(item)`` gives the length that must fit (default: ``len(tokens)``).
+    ``sample_length(item)`` gives the length that must fit (default: ``len(tokens)``);
+    ``row_length(items)``, when given, the row width a whole micro-batch needs instead (a
+    collate that packs a micro-batch into one row).
     ``padding_sample(item)`` makes a filler like ``item`` that carries no loss (default:
     :func:`~nemo_aligner.data.datasets.make_padding_sample`).
     """
@@ -38,6 +40,7 @@ class StepLoader:
         pad_to_multiple_of: int = 8,
         sample_length=None,
         padding_sample=make_padding_sample,
+        row_length=None,
     ):
         per_rank = sampler.global_batch_size // sampler.data_parallel_size
         if per_rank % micro_batch_size != 0:
@@ -54,20 +57,22 @@ class StepLoader:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.sample_length = sample_length or (lambda item: len(item["tokens"]))
         self.padding_sample = padding_sample
+        self.row_length = row_length
 
     def make_step(self, indices) -> StepBatch:
         items = [self.dataset[i] for i in indices]
         num_real = len(items)
         template = items[0] if items else self.dataset[0]
         items += [self.padding_sample(template) for _ in range(self.per_rank - num_real)]
-        longest = max(self.sample_length(item) for item in items)
+        mbs = self.micro_batch_size
+        chunks = [items[i : i + mbs] for i in range(0, len(items), mbs)]
+        if self.row_length is not None:
+            longest = max(self.row_length(chunk) for chunk in chunks)
+        else:
+            longest = max(self.sample_length(item) for item in items)
         m = self.pad_to_multiple_of
         seq_length = -(-longest // m) * m
-        mbs = self.micro_batch_size
-        micro = [
-            self.collate_fn(items[i : i + mbs], pad_to=seq_length)
-            for i in range(0, len(items), mbs)
-        ]
+        micro = [self.collate_fn(chunk, pad_to=seq_length) for chunk in chunks]
         return StepBatch(micro_batches=micro, seq_length=seq_length, num_samples=num_real)
 
     def __iter__(self):

@@ -557,8 +557,16 @@ class PackedGroupDataset(PackedDataset):
             return list(dataset.lengths)
         return [n - s for n, s in zip(dataset.lengths, shared)]
 
-    def _sequences(self, group: dict) -> list[dict]:
-        if not self.share_prefix:
+    def __getitem__(self, j: int) -> dict:
+        return merge_groups([self.dataset[i] for i in self.bins[j]], self.share_prefix)
+
+
+def merge_groups(groups: list[dict], share_prefix: bool = False) -> dict:
+    """One packed group holding ``groups`` back to back (unit tensors concatenated in order);
+    with ``share_prefix`` a sequence's shared prompt is stored once (see
+    :class:`PackedGroupDataset`)."""
+    def sequences(group):
+        if not share_prefix:
             return group["sequences"]
         out = []
         for seq in group["sequences"]:
@@ -569,10 +577,25 @@ class PackedGroupDataset(PackedDataset):
             out.append(seq)
         return out
 
-    def __getitem__(self, j: int) -> dict:
-        groups = [self.dataset[i] for i in self.bins[j]]
-        pack = {"sequences": [s for g in groups for s in self._sequences(g)], "packed": True}
-        for key in groups[0]:
-            if key != "sequences":
-                pack[key] = torch.cat([g[key] for g in groups])
-        return pack
+    pack = {"sequences": [s for g in groups for s in sequences(g)], "packed": True}
+    for key in groups[0]:
+        if key not in ("sequences", "packed"):
+            pack[key] = torch.cat([g[key] for g in groups])
+    return pack
+
+
+def merged_length(groups: list[dict], share_prefix: bool = False) -> int:
+    """The row width :func:`merge_groups` gives ``groups``."""
+    return sum(len(s["tokens"]) - (s.get("shared_prefix", 0) if share_prefix else 0)
+               for g in groups for s in g["sequences"])
+
+
+def micro_batch_collate(groups: list[dict], pad_id: int, pad_to: int | None = None, pad_to_multiple_of: int = 1,
+                        share_prefix: bool = False) -> dict:
+    """A micro-batch of groups packed into one row (no padding between sequences): what a
+    padded batch of the same groups computes, in fewer tokens. The global batch still counts
+    groups (pairs), unlike dataset-level packing."""
+    if groups[0].get("packed", False):
+        return group_collate(groups, pad_id, pad_to=pad_to, pad_to_multiple_of=pad_to_multiple_of)
+    return group_collate([merge_groups(groups, share_prefix)], pad_id, pad_to=pad_to,
+                         pad_to_multiple_of=pad_to_multiple_of)

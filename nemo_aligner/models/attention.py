@@ -100,25 +100,55 @@ class SDPACoreAttention(MegatronModule):
         cu_k = packed_seq_params.cu_seqlens_kv.tolist()
         if cu_q != cu_k:
             raise ValueError("packed attention needs identical query and key boundaries")
-        # One split per tensor, not a slice per sequence: a slice's backward allocates a
-        # zero gradient of the whole packed tensor, so slicing n sequences cost n full-size
-        # zero-fills and adds per layer; split's backward is a single concatenation.
-        lengths = [end - start for start, end in zip(cu_q[:-1], cu_q[1:])]
-        prefix_lens = getattr(packed_seq_params, "prefix_lens", None) or [0] * len(lengths)
-        keys, values = key.split(lengths), value.split(lengths)
-        pieces = []
-        for i, q in enumerate(query.split(lengths)):
-            n, shared = q.shape[0], prefix_lens[i]
-            if n == 0:
-                continue
-            k, v, mask = keys[i], values[i], None
-            if shared:
-                # Query j sits at position shared + j: it sees the shared keys and itself causally.
-                k, v = torch.cat([keys[i - 1][:shared], k]), torch.cat([values[i - 1][:shared], v])
-                mask = torch.ones(n, shared + n, dtype=torch.bool, device=q.device).tril(diagonal=shared)
-            # [len, h, d] -> [1, h, len, d]
-            q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-            out = self._sdpa(q, k, v, attn_mask=mask, is_causal=mask is None)
-            pieces.append(out[0].transpose(0, 1))
-        out = torch.cat(pieces, dim=0)
-        return out.reshape(query.shape[0], self.heads * self.head_dim)
+        plan = getattr(packed_seq_params, "_sdpa_plan", None)
+        if plan is None:  # made once per forward: every layer gets the same packed_seq_params
+            prefix_lens = getattr(packed_seq_params, "prefix_lens", None)
+            plan = _PackedPlan(cu_q, prefix_lens, query.device)
+            packed_seq_params._sdpa_plan = plan
+        # Segments gathered into a padded batch [n, heads, L, dim]: one attention call for all
+        # of them (a call per segment costs more than the arithmetic of a short one).
+        q = query[plan.q_index].permute(0, 2, 1, 3)
+        k = key[plan.k_index].permute(0, 2, 1, 3)
+        v = value[plan.k_index].permute(0, 2, 1, 3)
+        out = self._sdpa(q, k, v, attn_mask=plan.mask, is_causal=plan.mask is None)
+        out = out.permute(0, 2, 1, 3).reshape(-1, self.heads * self.head_dim)
+        return out[plan.out_index]
+
+
+class _PackedPlan:
+    """Index tensors that turn a packed row (segments back to back, ``cu_seqlens``) into a
+    padded batch of segments and back.
+
+    Segment ``i`` (``n_i`` tokens) becomes row ``i``: queries are its tokens; keys are, when it
+    continues ``L_i = prefix_lens[i]`` tokens of segment ``i - 1``, those tokens followed by its
+    own. Query ``j`` sees keys ``0 .. L_i + j`` (causal, after the shared prefix). Without any
+    prefix the mask is plain causal (right padding only adds rows and keys nobody reads), so
+    SDPA's causal kernel runs without a mask.
+    """
+
+    def __init__(self, cu, prefix_lens, device):
+        starts, lengths = cu[:-1], [b - a for a, b in zip(cu[:-1], cu[1:])]
+        prefixes = list(prefix_lens) if prefix_lens else [0] * len(lengths)
+        segments = [i for i, n in enumerate(lengths) if n > 0]
+        lq = max(lengths[i] for i in segments)
+        lk = max(lengths[i] + prefixes[i] for i in segments)
+        q_index = torch.zeros(len(segments), lq, dtype=torch.long)
+        k_index = torch.zeros(len(segments), lk, dtype=torch.long)
+        out_index = []
+        use_mask = any(prefixes[i] for i in segments)
+        mask = torch.zeros(len(segments), 1, lq, lk, dtype=torch.bool) if use_mask else None
+        for row, i in enumerate(segments):
+            n, shared = lengths[i], prefixes[i]
+            own = torch.arange(starts[i], starts[i] + n)
+            q_index[row, :n] = own
+            keys = torch.cat([torch.arange(starts[i - 1], starts[i - 1] + shared), own]) if shared else own
+            k_index[row, : len(keys)] = keys
+            out_index.extend(range(row * lq, row * lq + n))
+            if mask is not None:
+                allowed = torch.ones(n, shared + n, dtype=torch.bool).tril(diagonal=shared)
+                mask[row, 0, :n, : shared + n] = allowed
+                mask[row, 0, n:, 0] = True  # padding queries: one key, so no row is empty (their output is dropped)
+        self.q_index = q_index.to(device)
+        self.k_index = k_index.to(device)
+        self.out_index = torch.tensor(out_index, dtype=torch.long, device=device)
+        self.mask = None if mask is None else mask.to(device)
