@@ -26,6 +26,7 @@ setup(
         "psutil",
         "tqdm",
         "numpy",
+        "matplotlib",  # the quickstart pipeline's report plot
     ],
     extras_require={
         "hf": ["transformers>=4.45"],

@@ -85,6 +85,10 @@ def build_scheduler(optimizer, model_cfg, max_steps: int):
             f"model.optim.sched.name={sched.get('name')!r}; choose CosineAnnealing, Constant or Linear"
         )
     lr = float(optim.get("lr", 1e-4))
+    min_lr = float(sched.get("min_lr", 0.0))
+    if style != "constant" and min_lr > lr:
+        raise ValueError(f"model.optim.sched.min_lr={min_lr:g} is above model.optim.lr={lr:g}; lower min_lr "
+                         "(the schedule decays from lr to min_lr)")
     decay_steps = int(sched.get("max_steps") or max_steps)
     warmup = int(sched.get("warmup_steps", 0))
     return OptimizerParamScheduler(

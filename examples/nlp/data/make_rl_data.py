@@ -1,9 +1,15 @@
-"""Generate the bundled RL prompts: tasks with a known answer (deterministic).
+"""Generate the bundled RL prompts and preference pairs: tasks with a known answer
+(deterministic).
 
-Writes ``rl_train.jsonl`` and ``rl_val.jsonl`` into ``--output-dir`` (default
-``data/quickstart``), one ``{"text", "answer", "task"}`` line per prompt, in the prompt format
-the quickstart SFT data trains (``"{input}\\n\\n"``). The reward functions of
-:mod:`nemo_aligner.rewards.quickstart` compare a response with ``answer``.
+Writes into ``--output-dir`` (default ``data/quickstart``), in the prompt format the quickstart
+SFT data trains (``"{input}\\n\\n"``):
+
+- ``rl_train.jsonl`` / ``rl_val.jsonl``: one ``{"text", "answer", "task"}`` line per prompt (the
+  reward functions of :mod:`nemo_aligner.rewards.quickstart` compare a response with ``answer``);
+- ``count_preference_train.jsonl`` / ``count_preference_val.jsonl``: preference pairs on the same
+  task, ``{"prompt", "chosen_response", "rejected_response", "chosen_reward", "rejected_reward"}``
+  with the right answer chosen and a wrong one (off by one or two) rejected, for the reward model
+  and DPO stages of ``examples/pipeline/quickstart.sh``.
 
     python examples/nlp/data/make_rl_data.py --tasks count repeat
 """
@@ -32,6 +38,18 @@ def make_prompts(n: int, tasks: set[str], seed: int) -> list[dict]:
     return rows
 
 
+def make_pairs(rows: list[dict], seed: int) -> list[dict]:
+    """A preference pair per prompt: the answer chosen, a wrong number near it rejected."""
+    rng = random.Random(seed)
+    pairs = []
+    for row in rows:
+        right = int(row["answer"])
+        wrong = rng.choice([n for n in (right - 2, right - 1, right + 1, right + 2) if n >= 1])
+        pairs.append({"prompt": row["text"], "chosen_response": str(right), "rejected_response": str(wrong),
+                      "chosen_reward": 1.0, "rejected_reward": 0.0})
+    return pairs
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", default="data/quickstart")
@@ -42,8 +60,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
     tasks = set(args.tasks)
-    write_jsonl(os.path.join(args.output_dir, "rl_train.jsonl"), make_prompts(args.train, tasks, args.seed))
-    write_jsonl(os.path.join(args.output_dir, "rl_val.jsonl"), make_prompts(args.validation, tasks, args.seed + 1))
+    train, val = make_prompts(args.train, tasks, args.seed), make_prompts(args.validation, tasks, args.seed + 1)
+    write_jsonl(os.path.join(args.output_dir, "rl_train.jsonl"), train)
+    write_jsonl(os.path.join(args.output_dir, "rl_val.jsonl"), val)
+    if tasks == {"count"}:
+        write_jsonl(os.path.join(args.output_dir, "count_preference_train.jsonl"), make_pairs(train, args.seed + 2))
+        write_jsonl(os.path.join(args.output_dir, "count_preference_val.jsonl"), make_pairs(val, args.seed + 3))
     print(f"wrote {args.train} train and {args.validation} validation prompts ({', '.join(sorted(tasks))}) to {args.output_dir}")
 
 
