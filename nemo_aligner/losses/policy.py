@@ -28,30 +28,40 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Ten
     return masked_sum(values, mask, dim) / count.clamp(min=1)
 
 
-def masked_mean_var(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and population variance over the masked entries::
+def masked_mean_var(values: torch.Tensor, mask: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and population variance over the masked entries (NeMo-Aligner's uncorrected
+    ``masked_global_mean_var``)::
 
         mean = sum(m x) / sum(m),     var = sum(m (x - mean)^2) / sum(m)
 
-    (NeMo-Aligner's uncorrected ``masked_global_mean_var`` on one rank; across ranks, sum
-    ``sum(m x)``, ``sum(m)`` and then ``sum(m (x - mean)^2)`` before dividing.)
+    With a process ``group`` (e.g. the data-parallel group) the sums run over every rank's
+    entries: ``sum(m x)`` and ``sum(m)`` are all-reduced, then ``sum(m (x - mean)^2)``, so
+    each rank gets the statistics of all ranks' values put together.
     """
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean) ** 2, mask)
-    return mean, var
+    if group is None:
+        mean = masked_mean(values, mask)
+        return mean, masked_mean((values - mean) ** 2, mask)
+    import torch.distributed as dist
+
+    totals = torch.stack([masked_sum(values, mask), mask.sum().to(values.dtype)])
+    dist.all_reduce(totals, group=group)
+    count = totals[1].clamp(min=1)
+    mean = totals[0] / count
+    square = masked_sum((values - mean) ** 2, mask)
+    dist.all_reduce(square, group=group)
+    return mean, square / count
 
 
-def masked_whiten(values, mask, mean=None, var=None, eps: float = 1e-8) -> torch.Tensor:
-    """NeMo-Aligner's advantage whitening::
+def masked_whiten(values, mask, mean=None, var=None, eps: float = 1e-8, group=None) -> torch.Tensor:
+    """NeMo-Aligner's advantage whitening (``normalize_tensor``)::
 
         whiten(x) = (x - mean) / sqrt(var + eps)
 
-    with ``mean`` / ``var`` from :func:`masked_mean_var` unless given (e.g. the global
-    statistics over every data-parallel rank). Masked-out entries are whitened too; callers
-    keep masking them.
+    with ``mean`` / ``var`` from :func:`masked_mean_var` (over ``group``'s ranks when given)
+    unless passed in. Masked-out entries are whitened too; callers keep masking them.
     """
     if mean is None or var is None:
-        mean, var = masked_mean_var(values, mask)
+        mean, var = masked_mean_var(values, mask, group)
     return (values - mean) * torch.rsqrt(var + eps)
 
 
@@ -228,3 +238,46 @@ def gae(rewards, values, mask, gamma: float, lam: float) -> tuple[torch.Tensor, 
         adv[:, t] = last
     return adv, adv + values
 
+
+
+# ------------------------------------------------------------------------------------ PPO
+def kl_penalty(logp, init_logp, use_absolute_kl: bool = True) -> torch.Tensor:
+    """NeMo-Aligner's per-token KL estimate for the PPO reward (``calculate_kl_penalty``)::
+
+        kl_t = logp_t - init_logp_t        (|logp_t - init_logp_t| with use_absolute_kl)
+    """
+    diff = logp - init_logp
+    return diff.abs() if use_absolute_kl else diff
+
+
+def ppo_token_rewards(rewards, mask, kl=None, penalty: float = 0.0) -> torch.Tensor:
+    """NeMo-Aligner's PPO reward per token (``calculate_ppo_rewards``): the sequence reward
+    ``r_i`` sits on the last response position of row ``i`` (its last masked entry, the label
+    position of the last generated token) and the KL penalty is taken at every position::
+
+        R_it = r_i [t = last_i] - penalty * kl_it
+
+    ``rewards`` ``[B]``, ``mask`` and ``kl`` ``[B, T]``. A row with an empty mask gets its
+    reward at position 0, as NeMo-Aligner's ``clamp(min=0)`` does.
+    """
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask > 0, positions, torch.zeros_like(positions)).amax(dim=1)
+    out = torch.zeros(mask.shape, dtype=rewards.dtype, device=rewards.device)
+    out[torch.arange(mask.shape[0], device=mask.device), last] = rewards
+    if kl is not None and penalty:
+        out = out - penalty * kl
+    return out
+
+
+def clipped_value_loss(values, prev_values, returns, clip_val: float) -> torch.Tensor:
+    """NeMo-Aligner's critic loss per token (the caller takes the masked mean)::
+
+        v_clip = prev + clip(values - prev, -c, c)
+        l_t    = 0.5 * max((values - returns)^2, (v_clip - returns)^2)      (c > 0)
+        l_t    = 0.5 * (values - returns)^2                                  (c <= 0: no clip)
+    """
+    loss = (values - returns).square()
+    if clip_val > 0:
+        clipped = prev_values + (values - prev_values).clamp(-clip_val, clip_val)
+        loss = torch.max(loss, (clipped - returns).square())
+    return 0.5 * loss
