@@ -1,11 +1,12 @@
-"""The PyTriton shell every server of ours runs in (reward model today, critic next).
+"""The PyTriton shell every server of ours runs in (the reward model, the PPO critic).
 
 :class:`InferenceServer` owns no math. It takes a ``compute(inputs) -> outputs`` callable
-that every rank runs together (a forward over the batch at the server's own TP/PP/DP
-layout), and:
+per endpoint that every rank runs together (a forward over the batch at the server's own
+TP/PP/DP layout, or a training step), and:
 
 - global rank 0 runs a PyTriton server bound to ``host`` (127.0.0.1 unless configured)
-  on ``port``, with dynamic batching (``max_batch_size``, ``max_queue_delay_microseconds``);
+  on ``port``, one PyTriton model per :class:`Endpoint`, batched ones with dynamic batching
+  (``max_batch_size``, ``max_queue_delay_microseconds``);
 - each request is broadcast from rank 0 to every other rank, and one lock keeps requests
   from interleaving, so all ranks run the same ``compute`` calls in the same order;
 - the other ranks wait for broadcasts until rank 0 says stop (when the server ends: Ctrl-C,
@@ -22,13 +23,15 @@ import signal
 import socket
 import sysconfig
 import threading
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 import torch.distributed as dist
 
 from nemo_aligner.utils.logging import get_logger
 
-STOP, INFER = "stop", "infer"
+STOP = "\x00stop"  # no endpoint has this name
 
 
 def prepare_pytriton_environment() -> None:
@@ -54,47 +57,72 @@ def _broadcast(obj):
     return holder[0]
 
 
-class InferenceServer:
-    """See the module docstring. ``inputs`` / ``outputs`` are PyTriton ``Tensor`` specs
-    (without the batch dimension); ``compute`` maps a dict of batched numpy arrays (optional
-    inputs absent when not sent) to a dict of batched numpy arrays."""
+@dataclass
+class Endpoint:
+    """One PyTriton model of a server. ``compute`` maps a dict of numpy arrays (optional
+    inputs absent when not sent) to a dict of numpy arrays; every rank runs it. Batched
+    endpoints get arrays with the batch first (requests grouped by the dynamic batcher);
+    unbatched ones (``batching=False``) get one request's arrays as sent. ``validate`` runs
+    on rank 0 before a request is broadcast; an error it raises goes back to the client alone."""
 
-    def __init__(self, name: str, compute, inputs, outputs, *, host: str = "127.0.0.1", port: int = 5555,
-                 max_batch_size: int = 4, max_queue_delay_microseconds: int = 0, exit_timeout_s: int = 5,
-                 validate=None):
-        self.name = name
-        self.compute = compute
-        self.inputs, self.outputs = inputs, outputs
+    name: str
+    compute: Callable
+    inputs: Sequence
+    outputs: Sequence
+    batching: bool = True
+    max_batch_size: int = 4
+    max_queue_delay_microseconds: int = 0
+    validate: Callable | None = None
+
+
+class InferenceServer:
+    """See the module docstring. Either ``endpoints`` (a list of :class:`Endpoint`) or the
+    fields of one batched endpoint (``name``, ``compute``, ``inputs``, ``outputs``, ...)."""
+
+    def __init__(self, name: str = "", compute=None, inputs=(), outputs=(), *, host: str = "127.0.0.1",
+                 port: int = 5555, max_batch_size: int = 4, max_queue_delay_microseconds: int = 0,
+                 exit_timeout_s: int = 5, validate=None, endpoints: list | None = None):
+        if endpoints is None:
+            endpoints = [Endpoint(name, compute, inputs, outputs, True, max_batch_size,
+                                  max_queue_delay_microseconds, validate)]
+        self.endpoints = {e.name: e for e in endpoints}
+        self.name = ", ".join(self.endpoints)
         self.host, self.port = host, int(port)
-        self.max_batch_size = int(max_batch_size)
-        self.max_queue_delay_microseconds = int(max_queue_delay_microseconds)
         self.exit_timeout_s = int(exit_timeout_s)
-        self.validate = validate
         self.lock = threading.Lock()
         self.distributed = dist.is_initialized() and dist.get_world_size() > 1
         self.log = get_logger()
 
     # ---------------------------------------------------------------- rank 0
-    def _infer(self, requests):
-        """PyTriton's callable: the requests the dynamic batcher grouped, run as one batch
-        where their shapes allow, answered request by request."""
-        requests = [{k: np.asarray(v) for k, v in r.items()} for r in requests]
-        groups = _stackable_groups(requests)
-        outputs = [None] * len(requests)
-        for group in groups:
-            inputs = {k: np.concatenate([requests[i][k] for i in group]) for k in requests[group[0]]}
-            if self.validate is not None:
-                self.validate(inputs)
-            with self.lock:
-                if self.distributed:
-                    _broadcast((INFER, inputs))
-                result = self.compute(inputs)
-            start = 0
-            for i in group:
-                n = len(next(iter(requests[i].values())))
-                outputs[i] = {k: v[start : start + n] for k, v in result.items()}
-                start += n
-        return outputs
+    def _run(self, endpoint: Endpoint, inputs: dict) -> dict:
+        if endpoint.validate is not None:
+            endpoint.validate(inputs)
+        with self.lock:
+            if self.distributed:
+                _broadcast((endpoint.name, inputs))
+            return endpoint.compute(inputs)
+
+    def _callable(self, endpoint: Endpoint):
+        """PyTriton's callable for ``endpoint``: batched requests the dynamic batcher grouped
+        run as one batch where their shapes allow, answered request by request; unbatched
+        ones run one at a time."""
+
+        def infer(requests):
+            requests = [{k: np.asarray(v) for k, v in r.items()} for r in requests]
+            if not endpoint.batching:
+                return [self._run(endpoint, r) for r in requests]
+            outputs = [None] * len(requests)
+            for group in _stackable_groups(requests):
+                inputs = {k: np.concatenate([requests[i][k] for i in group]) for k in requests[group[0]]}
+                result = self._run(endpoint, inputs)
+                start = 0
+                for i in group:
+                    n = len(next(iter(requests[i].values())))
+                    outputs[i] = {k: v[start : start + n] for k, v in result.items()}
+                    start += n
+            return outputs
+
+        return infer
 
     def serve(self) -> None:
         """Serve until interrupted; collective (every rank calls it)."""
@@ -109,15 +137,15 @@ class InferenceServer:
             http_address=self.host, http_port=self.port, grpc_address=self.host, grpc_port=free_port(self.host),
             allow_metrics=False, exit_timeout_secs=self.exit_timeout_s, log_verbose=0,
         )
-        model_config = ModelConfig(
-            batching=True, max_batch_size=self.max_batch_size,
-            batcher=DynamicBatcher(max_queue_delay_microseconds=self.max_queue_delay_microseconds),
-        )
         previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         try:
             with Triton(config=config) as triton:
-                triton.bind(model_name=self.name, infer_func=self._infer, inputs=self.inputs,
-                            outputs=self.outputs, config=model_config, strict=False)
+                for e in self.endpoints.values():
+                    model_config = (ModelConfig(batching=True, max_batch_size=e.max_batch_size,
+                                                batcher=DynamicBatcher(max_queue_delay_microseconds=e.max_queue_delay_microseconds))
+                                    if e.batching else ModelConfig(batching=False))
+                    triton.bind(model_name=e.name, infer_func=self._callable(e), inputs=e.inputs,
+                                outputs=e.outputs, config=model_config, strict=False)
                 triton.run()
                 self.log.info(f"serving '{self.name}' at {self.host}:{self.port} (Ctrl-C or SIGTERM stops it)")
                 triton.serve()
@@ -135,7 +163,7 @@ class InferenceServer:
             command, inputs = _broadcast(None)
             if command == STOP:
                 return
-            self.compute(inputs)
+            self.endpoints[command].compute(inputs)
 
 
 def _stackable_groups(requests) -> list[list[int]]:

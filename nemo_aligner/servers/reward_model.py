@@ -127,7 +127,7 @@ class RuleScorer:
         return {"rewards": np.asarray(values, dtype=np.float32).reshape(-1, 1)}
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, key: str = "inference.port") -> None:
     """Fail in one line when another server listens on ``host:port`` (with SO_REUSEADDR, as
     Triton binds, so connections that recently closed there do not count)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -135,7 +135,7 @@ def check_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
-            raise ValueError(f"inference.port={port} on {host} cannot be used ({e.strerror}); choose another port") from None
+            raise ValueError(f"{key}={port} on {host} cannot be used ({e.strerror}); choose another port") from None
 
 
 def build_reward_server(cfg):
