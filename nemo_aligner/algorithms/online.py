@@ -29,7 +29,7 @@ from nemo_aligner.data.loader import StepBatch
 from nemo_aligner.generation.engine import GenerationError, SamplingParams
 from nemo_aligner.losses.policy import aggregate_loss
 from nemo_aligner.models.forward import forward_batch
-from nemo_aligner.models.logprobs import token_logprobs
+from nemo_aligner.models.logprobs import token_entropy, token_logprobs
 from nemo_aligner.utils.config import cfg_get
 from nemo_aligner.utils.cpu_support import native_torch
 
@@ -149,6 +149,7 @@ class OnlineTrainer(BaseTrainer):
         raise NotImplementedError
 
     token_level_loss = True
+    needs_entropy = False  # policy_loss reads batch["entropy"] (per token, differentiable)
 
     @property
     def needs_policy_logprobs(self) -> bool:
@@ -162,6 +163,10 @@ class OnlineTrainer(BaseTrainer):
         offset, prompts = step_input
         rollout = self.generator.run(prompts, offset, self.step, policy_logprobs=self.needs_policy_logprobs)
         per_token, method_metrics = self.prepare(rollout)
+        return self.learn(rollout, per_token, method_metrics)
+
+    def learn(self, rollout: Rollout, per_token: dict, method_metrics: dict) -> dict:
+        """The optimizer steps over a prepared rollout; the step's metrics."""
         if rollout.logprobs is None:  # token_mult_prob_error from the training forward
             per_token["gen_logprobs"] = rollout.gen_logprobs
         metrics = {f"train_rollouts/{k}": v for k, v in {**rollout_metrics(rollout), **method_metrics}.items()}
@@ -192,6 +197,8 @@ class OnlineTrainer(BaseTrainer):
     def forward_step(self, batch, model):
         def loss_fn(logits):
             with native_torch():
+                if self.needs_entropy:  # before the log-probs, which shift the logits in place
+                    batch["entropy"] = token_entropy(logits)
                 logp = token_logprobs(logits, batch["labels"].to(logits.device), inplace=True)
                 mask = batch["loss_mask"].to(logp.device, logp.dtype)
                 per_token, sums = self.policy_loss(logp, batch)
@@ -266,9 +273,10 @@ class OnlineTrainer(BaseTrainer):
         self.optim_step = int(read_trainer_state(path).get("optim_step", self.step * self.optimizer_steps_per_step))
 
     def close(self) -> None:
-        close = getattr(self.generator.reward_source, "close", None)
-        if close is not None:
-            close()
+        for source in (self.generator.reward_source, self.generator.value_source):
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
 
 
 def old_logprobs(batch: dict, logp: torch.Tensor) -> torch.Tensor:
@@ -296,9 +304,12 @@ def rollout_metrics(rollout: Rollout) -> dict:
 
 
 
-def build_online_trainer(cfg, trainer_cls, settings: OnlineSettings, size_key: str):
+def build_online_trainer(cfg, trainer_cls, settings: OnlineSettings, size_key: str, sources=None):
     """Everything an online run needs (prompts, policy, initial-policy copy, engine, reward
-    source), from its config; bad input fails here, before anything is written."""
+    source), from its config; bad input fails here, before anything is written.
+
+    ``sources(cfg, tokenizer, settings) -> (reward_source, value_source, trainer_kwargs)``
+    replaces the default (the reward source ``cfg`` names, no values) for methods with a critic."""
     from megatron.core import parallel_state
 
     from nemo_aligner.algorithms.reference import ReferenceWeights
@@ -342,10 +353,14 @@ def build_online_trainer(cfg, trainer_cls, settings: OnlineSettings, size_key: s
     seed = int(cfg_get(cfg, "seed", 1234))
     sampler = MegatronBatchSampler(len(train), 0, settings.prompts_per_step, dp_rank, dp, drop_last=True,
                                    shuffle=bool(data.get("shuffle", True)), seed=seed)
+    if sources is None:
+        reward_source = build_reward_source(cfg, tokenizer, tokenizer.vocab_size, settings.forward_micro_batch_size)
+        value_source, extra = None, {}
+    else:
+        reward_source, value_source, extra = sources(cfg, tokenizer, settings)
     model = setup.build_model(cfg, model_cfg, vocab_size)
     reference = ReferenceWeights(model) if settings.initial_policy_kl_penalty != 0 else None
     engine = build_engine(model, model_cfg, tokenizer, vocab_size, settings.rollout_micro_batch_size)
-    reward_source = build_reward_source(cfg, tokenizer, tokenizer.vocab_size, settings.forward_micro_batch_size)
     val_sampling = SamplingParams(greedy=True, max_new_tokens=max_new, min_new_tokens=settings.sampling.min_new_tokens,
                                   stop_strings=settings.sampling.stop_strings)
     generator = RolloutGenerator(
@@ -355,12 +370,12 @@ def build_online_trainer(cfg, trainer_cls, settings: OnlineSettings, size_key: s
                         pad_multiple=parallel_state.get_tensor_model_parallel_world_size(),
                         generation_batch_size=settings.rollout_micro_batch_size,
                         val_generation_batch_size=settings.val_rollout_micro_batch_size),
-        reference=reference,
+        reference=reference, value_source=value_source,
     )
     trainer = trainer_cls(
         cfg, model, None, None, PromptLoader(train, sampler), None,
         checkpoint_manager=setup.checkpoint_manager(cfg), model_cfg_to_save=model_cfg,
-        tokenizer_dir=tokenizer_src, settings=settings, generator=generator, val_prompts=val,
+        tokenizer_dir=tokenizer_src, settings=settings, generator=generator, val_prompts=val, **extra,
     )
     return setup.finish_build(cfg, trainer, model_cfg, model)
 

@@ -164,7 +164,8 @@ class RemoteReward:
         return result
 
     def close(self):
-        self.client.close()
+        if self.client is not None:  # only each model-parallel group's first rank holds one
+            self.client.close()
 
 
 def build_reward_source(cfg, tokenizer, vocab_size: int, micro_batch_size: int):

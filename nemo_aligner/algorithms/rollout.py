@@ -9,7 +9,9 @@
    ``(seed, step, i)``, so a sample depends on the run's seed, the step and its place in the
    global batch only: not on the data-parallel layout, and a resumed run draws the same
    samples;
-2. asks the reward source for the rewards (a remote server computes while step 3 runs);
+2. generates in micro-batches of ``rollout_micro_batch_size`` prompts and asks the reward
+   source (and, for PPO, the critic) to score each one as soon as it is generated; a remote
+   server computes while the next micro-batch is generated and step 3 runs;
 3. recomputes the policy's log-probs of the sampled tokens with the training forward
    (``logprobs``) and, when a reference is given, the initial policy's (``init_logprobs``) by
    swapping in its CPU copy of the weights;
@@ -40,7 +42,7 @@ from nemo_aligner.utils.timers import Timers
 
 def sample_seed(seed: int, step: int, index: int) -> int:
     """The generation seed of sample ``index`` of step ``step`` (a 63-bit hash of the three)."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step), int(index)]).generate_state(2, np.uint32)
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step) % 2**32, int(index)]).generate_state(2, np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
 
 
@@ -52,7 +54,7 @@ class Rollout:
     the global index of each sample's prompt; per-token tensors ``[N, W]`` (label-aligned,
     0 outside the response): ``gen_logprobs`` (the engine's), ``logprobs`` and
     ``init_logprobs`` (training forward with the policy / initial weights; None when not
-    computed); ``rewards`` ``[N]`` float64.
+    computed), ``values`` (the critic's, PPO only); ``rewards`` ``[N]`` float64.
     """
 
     tokens: torch.Tensor
@@ -64,6 +66,7 @@ class Rollout:
     rewards: torch.Tensor
     logprobs: torch.Tensor | None = None
     init_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
     prompts: list = field(default_factory=list)
     responses: list = field(default_factory=list)
     samples: list = field(default_factory=list)
@@ -153,16 +156,19 @@ class RolloutGenerator:
 
     ``reference``: a :class:`~nemo_aligner.algorithms.reference.ReferenceWeights` holding the
     initial policy, or None to skip ``init_logprobs``. ``reward_source``: one of
-    :mod:`nemo_aligner.algorithms.reward_sources`.
+    :mod:`nemo_aligner.algorithms.reward_sources` (None: the rewards come with the values).
+    ``value_source`` (PPO): ``submit(rollout) -> result`` with ``result() -> (values [n, W]
+    label-aligned float32, rewards [n] or None)``, from the critic server.
     """
 
     def __init__(self, model_chunks, engine, tokenizer, reward_source, settings: RolloutSettings,
-                 reference=None, timers: Timers | None = None):
+                 reference=None, timers: Timers | None = None, value_source=None):
         self.model = model_chunks if isinstance(model_chunks, list) else [model_chunks]
         self.engine = engine
         self.tokenizer = tokenizer
         self.pad_id = int(tokenizer.pad_id if tokenizer.pad_id is not None else 0)
         self.reward_source = reward_source
+        self.value_source = value_source
         self.settings = settings
         self.reference = reference
         self.timers = timers or Timers()
@@ -187,14 +193,25 @@ class RolloutGenerator:
         batch_size = self.settings.val_generation_batch_size if validation else self.settings.generation_batch_size
         if batch_size:
             self.engine.max_batch_size = batch_size
+        chunk = batch_size or max(len(items), 1)
+        parts, rewards, values = [], [], []
         with self.timers.time("generate"):
             self.engine.refit(self.model[0])
-            out = self._generate([it["prompt_ids"] for it in items], params, seeds)
-        local = self._local_rollout(items, group_ids, out)
+        for start in range(0, len(items), chunk):
+            sl = slice(start, start + chunk)
+            with self.timers.time("generate"):
+                out = self._generate([it["prompt_ids"] for it in items[sl]], params, seeds[sl])
+            part = self._local_rollout(items[sl], group_ids[sl], out)
+            # Scoring starts as soon as a micro-batch is generated; it is awaited only when needed.
+            if self.reward_source is not None:
+                with self.timers.time("reward"):
+                    rewards.append(self.reward_source.submit(part))
+            if self.value_source is not None:
+                values.append(self.value_source.submit(part))
+            parts.append(part)
         if not items:  # a validation share can be empty on the last data-parallel ranks
-            return concat_rollouts(all_gather_data_parallel(local), self.pad_id)
-        with self.timers.time("reward"):
-            pending = self.reward_source.submit(local)
+            return concat_rollouts(all_gather_data_parallel(self._local_rollout([], [], _as_lists(None))), self.pad_id)
+        local = concat_rollouts(parts, self.pad_id)
         if not validation:
             if policy_logprobs:
                 with self.timers.time("logprobs"):
@@ -202,8 +219,16 @@ class RolloutGenerator:
             if self.reference is not None:
                 with self.timers.time("init_logprobs"), self.reference.swapped():
                     local.init_logprobs = self.logprobs(local)
-        with self.timers.time("reward"):
-            local.rewards = pending().to(torch.float64)
+        if values:
+            with self.timers.time("critic_wait"):
+                got = [pending() for pending in values]
+            width = local.tokens.shape[1]
+            local.values = torch.cat([_pad_width(v, width, 0.0)[:, :width] for v, _ in got])
+            if self.reward_source is None:
+                local.rewards = torch.cat([r for _, r in got]).to(torch.float64)
+        if rewards:
+            with self.timers.time("reward"):
+                local.rewards = torch.cat([pending() for pending in rewards]).to(torch.float64)
         return concat_rollouts(all_gather_data_parallel(local), self.pad_id)
 
     @torch.no_grad()

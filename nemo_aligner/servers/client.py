@@ -122,7 +122,8 @@ class TritonClient:
 
     def _infer(self, inputs: dict) -> dict:
         try:
-            return self._model_client().infer_batch(**inputs)
+            client = self._model_client()
+            return client.infer_batch(**inputs) if self.max_batch_size else client.infer_sample(**inputs)
         except Exception as e:  # noqa: BLE001 -- every transport failure becomes one line
             self._local.client = None
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -185,3 +186,73 @@ class RewardClient(TritonClient):
                 inputs["sentences"] = np.array([[s] for s in sentences[start : start + chunk]], dtype=np.object_)
             futures.append(self.submit(inputs))
         return _Gathered(futures, "rewards", self.inference_timeout_s)
+
+
+def padded_tokens(sequences: list[list[int]], width: int, pad_id: int) -> np.ndarray:
+    tokens = np.full((len(sequences), width), pad_id, dtype=np.int64)
+    for i, seq in enumerate(sequences):
+        tokens[i, : len(seq)] = seq
+    return tokens
+
+
+class _CriticValues:
+    """Futures of ``critic_infer`` chunks; ``result()`` -> ``(values [N, W], rewards [N] or None)``."""
+
+    def __init__(self, futures, width: int):
+        self.futures, self.width = futures, width
+
+    def result(self):
+        values, rewards = [], []
+        for future in self.futures:
+            out = future.result()
+            v = np.asarray(out["values"], dtype=np.float32)
+            values.append(v[:, : self.width])
+            if "rewards" in out:
+                rewards.extend(np.asarray(out["rewards"]).reshape(-1).tolist())
+        return np.concatenate(values), (rewards or None)
+
+
+class CriticClient:
+    """The PPO critic server's client: NeMo-Aligner's ``critic_infer`` / ``critic_train`` /
+    ``critic_save`` endpoints (names from ``remote_critic_rm.critic.name``), plus ``critic_info``
+    (the critic's vocabulary, checked against the actor's tokenizer at start)."""
+
+    def __init__(self, host, port, names: dict, **kwargs):
+        kwargs.setdefault("what", "critic server")
+        self.infer = TritonClient(host, port, names.get("infer", "critic_infer"), **kwargs)
+        self.train = TritonClient(host, port, names.get("train", "critic_train"), **kwargs)
+        self.save = TritonClient(host, port, names.get("save", "critic_save"), **kwargs)
+        self.info = TritonClient(host, port, "critic_info", **kwargs)
+        self.max_batch_size = self.infer.max_batch_size
+        self.where = f"{host}:{port}"
+
+    def submit_values(self, sequences: list[list[int]], *, pad_to_length: int | None = None, pad_id: int = 0):
+        longest = max(len(s) for s in sequences)
+        width = max(longest, int(pad_to_length or 0))
+        chunk = self.max_batch_size or len(sequences)
+        futures = []
+        for start in range(0, len(sequences), chunk):
+            part = sequences[start : start + chunk]
+            futures.append(self.infer.submit({
+                "tokens": padded_tokens(part, width, pad_id),
+                "sequence_lengths": np.array([[len(s)] for s in part], dtype=np.int64),
+            }))
+        return _CriticValues(futures, longest)
+
+    def submit_train(self, tokens, returns, prev_values, mask):
+        return self.train.submit({"tokens": np.asarray(tokens, dtype=np.int64),
+                                  "returns": np.asarray(returns, dtype=np.float32),
+                                  "prev_values": np.asarray(prev_values, dtype=np.float32),
+                                  "mask": np.asarray(mask, dtype=np.float32)})
+
+    def submit_save(self):
+        return self.save.submit({"dummy_var": np.zeros(1, dtype=np.int64)})
+
+    def vocabulary(self) -> tuple[int, list[int]]:
+        """``(vocab_size, probe_ids)`` of the critic's tokenizer (see ``servers/critic.py``)."""
+        out = self.info.submit({"dummy_var": np.zeros(1, dtype=np.int64)}).result()
+        return int(np.asarray(out["vocab_size"]).reshape(-1)[0]), np.asarray(out["probe_ids"]).reshape(-1).tolist()
+
+    def close(self) -> None:
+        for client in (self.infer, self.train, self.save, self.info):
+            client.close()

@@ -13,7 +13,10 @@ broadcasts each call; one lock):
   ``mask`` float32 ``[N, W]`` (label-aligned); ``loss_mean`` float32 ``[1]`` out;
 - ``critic_save``: ``dummy_var`` int64 ``[1]`` in, ``status`` int64 ``[1]`` out; writes a
   checkpoint (weights, optimizer, step) to ``exp_manager.explicit_log_dir``/checkpoints, from
-  which a restarted server resumes.
+  which a restarted server resumes;
+- ``critic_info`` (ours): ``dummy_var`` in; ``vocab_size`` int64 ``[1]`` and ``probe_ids`` int64
+  ``[-1]`` (the critic's tokenization of :data:`TOKENIZER_PROBE`) out, so an actor with another
+  tokenizer is refused at start instead of training on mismatched ids.
 
 The math is :mod:`nemo_aligner.algorithms.critic`; this module only wires it to PyTriton.
 """
@@ -24,7 +27,13 @@ from megatron.core import parallel_state
 from nemo_aligner.servers.reward_model import check_port_free, check_request
 from nemo_aligner.utils.config import cfg_get, cfg_int
 
-INFER, TRAIN, SAVE = "critic_infer", "critic_train", "critic_save"
+INFER, TRAIN, SAVE, INFO = "critic_infer", "critic_train", "critic_save", "critic_info"
+TOKENIZER_PROBE = "The quick brown fox jumps over the lazy dog: 0123456789, ?!"
+
+
+def tokenizer_fingerprint(tokenizer) -> tuple[int, list[int]]:
+    """``(vocab_size, ids of TOKENIZER_PROBE)``: equal for two tokenizers that agree."""
+    return int(tokenizer.vocab_size), list(tokenizer.text_to_ids(TOKENIZER_PROBE))
 
 
 def critic_tensors(combined: bool):
@@ -41,15 +50,17 @@ def critic_tensors(combined: bool):
     train_out = [Tensor(name="loss_mean", dtype=np.float32, shape=(1,))]
     save_in = [Tensor(name="dummy_var", dtype=np.int64, shape=(1,))]
     save_out = [Tensor(name="status", dtype=np.int64, shape=(1,))]
-    return (infer_in, infer_out), (train_in, train_out), (save_in, save_out)
+    info_out = [Tensor(name="vocab_size", dtype=np.int64, shape=(1,)), Tensor(name="probe_ids", dtype=np.int64, shape=(-1,))]
+    return (infer_in, infer_out), (train_in, train_out), (save_in, save_out), (save_in, info_out)
 
 
 class CriticService:
     """The three endpoints' ``compute`` / ``validate`` over a
     :class:`~nemo_aligner.algorithms.critic.CriticTrainer`."""
 
-    def __init__(self, trainer, max_length: int, vocab_size: int, reward=None):
+    def __init__(self, trainer, max_length: int, vocab_size: int, reward=None, fingerprint=(0, [])):
         self.trainer = trainer
+        self.fingerprint = fingerprint
         self.max_length = max_length
         self.vocab_size = vocab_size
         self.reward = reward  # (ReferenceWeights of the reward model, reduction, standardization) or None
@@ -92,6 +103,10 @@ class CriticService:
     def save(self, inputs) -> dict:
         self.trainer.save()
         return {"status": np.array([0], dtype=np.int64)}
+
+    def info(self, inputs) -> dict:
+        vocab, probe = self.fingerprint
+        return {"vocab_size": np.array([vocab], dtype=np.int64), "probe_ids": np.array(probe, dtype=np.int64)}
 
 
 def build_critic_server(cfg):
@@ -174,13 +189,14 @@ def build_critic_server(cfg):
         check_port_free(host, port, "trainer.ppo.port")
 
     max_length = int(model_cfg.get("encoder_seq_length") or model_cfg["max_position_embeddings"])
-    service = CriticService(trainer, max_length, vocab_size, reward)
-    (infer_in, infer_out), (train_in, train_out), (save_in, save_out) = critic_tensors(combined)
+    service = CriticService(trainer, max_length, vocab_size, reward, tokenizer_fingerprint(tokenizer))
+    (infer_in, infer_out), (train_in, train_out), (save_in, save_out), (info_in, info_out) = critic_tensors(combined)
     dp = parallel_state.get_data_parallel_world_size()
     endpoints = [
         Endpoint(INFER, service.infer, infer_in, infer_out, True, infer_mbs * dp,
                  int(ppo.get("max_queue_delay_microseconds", 0) or 0), service.validate_infer),
         Endpoint(TRAIN, service.train, train_in, train_out, False, validate=service.validate_train),
         Endpoint(SAVE, service.save, save_in, save_out, False),
+        Endpoint(INFO, service.info, info_in, info_out, False),
     ]
     return InferenceServer(host=host, port=port, exit_timeout_s=int(ppo.get("exit_timeout_s", 5)), endpoints=endpoints)

@@ -180,7 +180,18 @@ def run_on_model_parallel_source(fn):
     """
     if not dist.is_initialized() or not parallel_state.model_parallel_is_initialized():
         return fn()
-    group = parallel_state.get_model_parallel_group()
+    return _run_on_first_rank(fn, parallel_state.get_model_parallel_group())
+
+
+def run_on_global_rank_zero(fn):
+    """``fn()`` computed on global rank 0 and broadcast to every rank; an exception it raises
+    is re-raised on every rank (as :func:`run_on_model_parallel_source`)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    return _run_on_first_rank(fn, dist.group.WORLD)
+
+
+def _run_on_first_rank(fn, group):
     ranks = dist.get_process_group_ranks(group)
     if len(ranks) == 1:
         return fn()
