@@ -180,41 +180,11 @@ def background(cmd, log_path, env=None):
 
 
 def stop_group(proc, grace: float = 15.0) -> None:
-    """Stop ``proc``'s process group and every process it started: SIGTERM, ``grace`` seconds,
-    then SIGKILL for whatever is left. Descendants are found through their parents as well,
-    since torchrun starts its workers in sessions of their own (and Triton its stubs under them)."""
-    import psutil
+    """Stop ``proc``'s process group and every process it started (see
+    :func:`nemo_aligner.utils.processes.stop_process_tree`)."""
+    from nemo_aligner.utils.processes import stop_process_tree
 
-    def tree():
-        try:
-            root = psutil.Process(proc.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-
-    members = tree()
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        members = {p.pid: p for p in members + tree()}.values()
-        members = list(members)
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        break
-    for p in list(members) + tree():  # stragglers of the group and of the tree
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    psutil.wait_procs(list(members), timeout=5)
+    stop_process_tree(proc, grace)
 
 
 def wait_for_port(port: int, proc, timeout: float = 90.0, host: str = "127.0.0.1") -> None:
