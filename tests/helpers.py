@@ -24,6 +24,9 @@ GRPO_SCRIPT = ROOT / "examples/nlp/gpt/train_gpt_grpo.py"
 REINFORCE_SCRIPT = ROOT / "examples/nlp/gpt/train_gpt_reinforce_actor.py"
 RM_SCRIPT = ROOT / "examples/nlp/gpt/train_reward_model.py"
 SERVE_RM_SCRIPT = ROOT / "examples/nlp/gpt/serve_reward_model.py"
+PPO_SCRIPT = ROOT / "examples/nlp/gpt/train_gpt_ppo_actor.py"
+CRITIC_SCRIPT = ROOT / "examples/nlp/gpt/serve_ppo_critic.py"
+LAUNCH_PPO_SCRIPT = ROOT / "examples/nlp/gpt/launch_ppo.py"
 
 # A tiny Llama-style GPT (4 layers, so PP=2 splits it) on the bundled quickstart data.
 TINY_SFT = [
