@@ -31,6 +31,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from nemo_aligner.algorithms.trainer import BaseTrainer
+from nemo_aligner.checkpoint.distributed import read_trainer_state
 from nemo_aligner.data.loader import StepBatch
 from nemo_aligner.losses.policy import aggregate_loss, clipped_value_loss
 from nemo_aligner.models.collect import forward_only_collect
@@ -186,10 +187,26 @@ class CriticTrainer(BaseTrainer):
         if width > max_length:
             raise ValueError(f"critic_train got sequences of {width} tokens; the critic takes at most {max_length}")
 
+    def save(self) -> None:
+        """A checkpoint of the current optimizer step; none again for a step already saved (the
+        weights only change with a step, e.g. a critic past max_steps saved at every actor save)."""
+        latest = self.checkpoint_manager.latest() if self.checkpoint_manager is not None else None
+        if latest is not None and int(read_trainer_state(latest)["step"]) == self.step:
+            self.log.info(f"critic step {self.step} is already saved in {latest}")
+            return
+        if self.step > 0:
+            super().save()
+            return
+        # Before its first optimizer step the optimizer holds no state to save: weights only.
+        path = self.checkpoint_manager.save(self.model, self.model_cfg_to_save, None, self.state_dict(), self.tokenizer_dir)
+        self.log.info(f"saved checkpoint {path} (no optimizer step yet)")
+
     def restore(self, path) -> None:
         from nemo_aligner.checkpoint.distributed import load_checkpoint
 
-        state = load_checkpoint(path, self.model, self.optimizer)
+        from nemo_aligner.checkpoint.distributed import has_optimizer_state
+
+        state = load_checkpoint(path, self.model, self.optimizer if has_optimizer_state(path) else None)
         self.step = int(state["step"])
         self.consumed_samples = int(state.get("consumed_samples", 0))
         self.scheduler.load_state_dict(state["scheduler"])

@@ -210,6 +210,9 @@ class PPOTrainer(OnlineTrainer):
     def train_step(self, step_input) -> dict:
         offset, prompts = step_input
         self.await_critic_train()
+        # critic/loss: the critic's training on the previous step's rollout (awaited now, or,
+        # without overlap, at the end of that step), so both modes log the same numbers.
+        critic_metrics, self.critic_metrics = self.critic_metrics, {}
         if self.step == 0:
             for i in range(max(self.settings.critic_warmup_steps - 1, 0)):
                 rollout = self.generator.run(prompts, offset, -(i + 1), policy_logprobs=self.needs_policy_logprobs)
@@ -222,7 +225,7 @@ class PPOTrainer(OnlineTrainer):
         metrics = self.learn(rollout, per_token, metrics)
         if not self.settings.overlap_critic:
             self.await_critic_train()
-        metrics.update(self.critic_metrics)
+        metrics.update(critic_metrics)
         return metrics
 
     def advantages(self, rollout):
