@@ -102,6 +102,7 @@ class CriticTrainer(BaseTrainer):
         self.shift = shift
         self.pad_id = pad_id
         self.global_batch_size = cfg_int(cfg, "model.global_batch_size", minimum=1)
+        self.actor_step = -1  # the actor's step at the last critic_save (or the resumed checkpoint's)
 
     def _resolve_max_steps(self) -> int:
         steps = cfg_int(self.loop_cfg, "max_steps", -1, name="trainer.ppo.max_steps")
@@ -187,13 +188,20 @@ class CriticTrainer(BaseTrainer):
         if width > max_length:
             raise ValueError(f"critic_train got sequences of {width} tokens; the critic takes at most {max_length}")
 
+    def state_dict(self) -> dict:
+        """Checkpoints are named by the actor's step (``step``), so a critic checkpoint and the
+        actor's it was saved with have the same name; ``optimizer_step`` is the critic's own."""
+        return {**super().state_dict(), "step": max(self.actor_step, 0), "actor_step": self.actor_step,
+                "optimizer_step": self.step}
+
     def save(self) -> None:
-        """A checkpoint of the current optimizer step; none again for a step already saved (the
-        weights only change with a step, e.g. a critic past max_steps saved at every actor save)."""
+        """A checkpoint (none again for one already saved: the same actor step and optimizer step)."""
         latest = self.checkpoint_manager.latest() if self.checkpoint_manager is not None else None
-        if latest is not None and int(read_trainer_state(latest)["step"]) == self.step:
-            self.log.info(f"critic step {self.step} is already saved in {latest}")
-            return
+        if latest is not None:
+            saved = read_trainer_state(latest)
+            if int(saved.get("actor_step", -1)) == self.actor_step and int(saved.get("optimizer_step", -1)) == self.step:
+                self.log.info(f"critic step {self.step} is already saved in {latest}")
+                return
         if self.step > 0:
             super().save()
             return
@@ -207,8 +215,9 @@ class CriticTrainer(BaseTrainer):
         from nemo_aligner.checkpoint.distributed import has_optimizer_state
 
         state = load_checkpoint(path, self.model, self.optimizer if has_optimizer_state(path) else None)
-        self.step = int(state["step"])
+        self.step = int(state.get("optimizer_step", state["step"]))
         self.consumed_samples = int(state.get("consumed_samples", 0))
+        self.actor_step = int(state.get("actor_step", -1))
         self.scheduler.load_state_dict(state["scheduler"])
         self.log.info(f"resumed the critic from {path} at optimizer step {self.step}")
 

@@ -275,22 +275,34 @@ class PPOTrainer(OnlineTrainer):
         if self.checkpoint_manager is None:
             return
         self.await_critic_train()
-        pending = None
-        if _is_global_rank_zero():
-            try:
-                pending = self.critic.submit_save()
-            except Exception as e:  # noqa: BLE001
-                pending = e
+
+        def critic_save():
+            return self.critic.submit_save(self.step).result()
+
+        # The critic first: the actor's checkpoint is written only once the critic's is, so the
+        # newest actor checkpoint always has its critic (a failure leaves both at the last pair).
+        with self.timers.time("critic_save"):
+            run_on_global_rank_zero(critic_save)
         super().save()
 
-        def collect():
-            out = self._resolve(pending)
-            if isinstance(out, Exception):
-                raise out
+    def fit(self) -> dict:
+        self.check_critic_step()
+        return super().fit()
+
+    def check_critic_step(self) -> None:
+        """Refuse a critic that resumed from another step than the actor (collective)."""
+        def check():
+            theirs = self.critic.saved_actor_step()
+            ours = self.step if self.step > 0 else -1  # -1: nothing saved yet
+            if theirs != ours:
+                raise CriticMismatchError(
+                    f"the critic at {self.critic.where} resumed from its checkpoint of actor step {theirs} but the actor "
+                    f"resumed from step {self.step}; restart the critic with the checkpoint saved with this one "
+                    "(or both from scratch)"
+                )
             return True
 
-        with self.timers.time("critic_save"):
-            run_on_global_rank_zero(collect)
+        run_on_global_rank_zero(check)
 
 def _is_global_rank_zero() -> bool:
     from nemo_aligner.utils.distributed import is_global_rank_zero

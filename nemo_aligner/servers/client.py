@@ -245,13 +245,21 @@ class CriticClient:
                                   "prev_values": np.asarray(prev_values, dtype=np.float32),
                                   "mask": np.asarray(mask, dtype=np.float32)})
 
-    def submit_save(self):
-        return self.save.submit({"dummy_var": np.zeros(1, dtype=np.int64)})
+    def submit_save(self, actor_step: int = 0):
+        """``critic_save``; ``dummy_var`` carries the actor's step, kept with the critic's checkpoint."""
+        return self.save.submit({"dummy_var": np.array([actor_step], dtype=np.int64)})
+
+    def _info(self) -> dict:
+        return self.info.submit({"dummy_var": np.zeros(1, dtype=np.int64)}).result()
 
     def vocabulary(self) -> tuple[int, list[int]]:
         """``(vocab_size, probe_ids)`` of the critic's tokenizer (see ``servers/critic.py``)."""
-        out = self.info.submit({"dummy_var": np.zeros(1, dtype=np.int64)}).result()
+        out = self._info()
         return int(np.asarray(out["vocab_size"]).reshape(-1)[0]), np.asarray(out["probe_ids"]).reshape(-1).tolist()
+
+    def saved_actor_step(self) -> int:
+        """The actor step of the checkpoint the critic resumed from or last saved (-1: none)."""
+        return int(np.asarray(self._info()["actor_step"]).reshape(-1)[0])
 
     def close(self) -> None:
         for client in (self.infer, self.train, self.save, self.info):

@@ -11,12 +11,13 @@ broadcasts each call; one lock):
   CPU memory and swapped in for that pass;
 - ``critic_train`` (unbatched): ``tokens`` int64 ``[N, W]``, ``returns``, ``prev_values`` and
   ``mask`` float32 ``[N, W]`` (label-aligned); ``loss_mean`` float32 ``[1]`` out;
-- ``critic_save``: ``dummy_var`` int64 ``[1]`` in, ``status`` int64 ``[1]`` out; writes a
-  checkpoint (weights, optimizer, step) to ``exp_manager.explicit_log_dir``/checkpoints, from
-  which a restarted server resumes;
+- ``critic_save``: ``dummy_var`` int64 ``[1]`` in (our actor sends its step there),
+  ``status`` int64 ``[1]`` out; writes a checkpoint (weights, optimizer, step, the actor's step)
+  to ``exp_manager.explicit_log_dir``/checkpoints, from which a restarted server resumes;
 - ``critic_info`` (ours): ``dummy_var`` in; ``vocab_size`` int64 ``[1]`` and ``probe_ids`` int64
-  ``[-1]`` (the critic's tokenization of :data:`TOKENIZER_PROBE`) out, so an actor with another
-  tokenizer is refused at start instead of training on mismatched ids.
+  ``[-1]`` (the critic's tokenization of :data:`TOKENIZER_PROBE`), and ``actor_step`` (of the
+  checkpoint it resumed from or last saved, -1 for none) out, so an actor with another
+  tokenizer, or resumed from another step, is refused at start.
 
 The math is :mod:`nemo_aligner.algorithms.critic`; this module only wires it to PyTriton.
 """
@@ -50,7 +51,8 @@ def critic_tensors(combined: bool):
     train_out = [Tensor(name="loss_mean", dtype=np.float32, shape=(1,))]
     save_in = [Tensor(name="dummy_var", dtype=np.int64, shape=(1,))]
     save_out = [Tensor(name="status", dtype=np.int64, shape=(1,))]
-    info_out = [Tensor(name="vocab_size", dtype=np.int64, shape=(1,)), Tensor(name="probe_ids", dtype=np.int64, shape=(-1,))]
+    info_out = [Tensor(name="vocab_size", dtype=np.int64, shape=(1,)), Tensor(name="probe_ids", dtype=np.int64, shape=(-1,)),
+                Tensor(name="actor_step", dtype=np.int64, shape=(1,))]
     return (infer_in, infer_out), (train_in, train_out), (save_in, save_out), (save_in, info_out)
 
 
@@ -101,12 +103,14 @@ class CriticService:
         return {"loss_mean": np.array([metrics["loss"]], dtype=np.float32)}
 
     def save(self, inputs) -> dict:
+        self.trainer.actor_step = int(np.asarray(inputs["dummy_var"]).reshape(-1)[0])
         self.trainer.save()
         return {"status": np.array([0], dtype=np.int64)}
 
     def info(self, inputs) -> dict:
         vocab, probe = self.fingerprint
-        return {"vocab_size": np.array([vocab], dtype=np.int64), "probe_ids": np.array(probe, dtype=np.int64)}
+        return {"vocab_size": np.array([vocab], dtype=np.int64), "probe_ids": np.array(probe, dtype=np.int64),
+                "actor_step": np.array([self.trainer.actor_step], dtype=np.int64)}
 
 
 def build_critic_server(cfg):
