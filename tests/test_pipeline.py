@@ -12,7 +12,7 @@ from helpers import ROOT, _env
 @pytest.mark.slow
 def test_quickstart_pipeline_raises_the_held_out_score(tmp_path):
     out = tmp_path / "quickstart"
-    env = _env({"OUT": str(out), "SFT_EPOCHS": "2", "RL_STEPS": "30"})
+    env = _env({"OUT": str(out), "SFT_EPOCHS": "2", "RL_STEPS": "100"})
     proc = subprocess.run(["bash", "examples/pipeline/quickstart.sh"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

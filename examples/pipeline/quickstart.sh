@@ -3,7 +3,7 @@
 # GRPO from the SFT model, each followed by a held-out score; writes results/quickstart/report.md
 # with a plot. Run from the repository root, after the README's install:
 #     bash examples/pipeline/quickstart.sh
-# Shorter (the test uses these): SFT_EPOCHS=2 RL_STEPS=40 OUT=/tmp/qs bash examples/pipeline/quickstart.sh
+# Shorter (the test uses these): SFT_EPOCHS=2 OUT=/tmp/qs bash examples/pipeline/quickstart.sh
 set -euo pipefail
 OUT=${OUT:-results/quickstart}
 SFT_EPOCHS=${SFT_EPOCHS:-4}

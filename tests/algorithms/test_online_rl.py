@@ -17,7 +17,7 @@ def rewards(metrics, key):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo,steps", [("grpo", 60), ("reinforce", 100)])
+@pytest.mark.parametrize("algo,steps", [("grpo", 100), ("reinforce", 100)])
 def test_short_run_raises_held_out_reward(tiny_policy, tmp_path, algo, steps):
     run(SCRIPTS[algo], rl_args(algo, tiny_policy, tmp_path, f"trainer.{algo}.max_steps={steps}",
                                f"trainer.{algo}.val_check_interval={steps // 2}"))

@@ -6,8 +6,8 @@ tests and stopped with their whole process trees, also when a test fails.
   held-out reward rises; through a reward server serving the exact-answer rule (critic from the
   causal LM, value head at zero) the held-out exact-answer rate rises;
 - the critic server at TP2 returns the values, rewards and training losses of TP1;
-- the actor's first step at TP2 and PP2 equals TP1 against the same (frozen) critic, and turning
-  the overlap off changes nothing;
+- the actor's first step at TP2, PP2 and DP2 equals TP1 against the same (frozen) critic, and
+  turning the overlap off changes nothing;
 - faults: the critic killed mid-run (one line naming host:port, the checkpoint intact, the
   restarted pair resumes) and a wrong port (one line naming host:port within init_timeout_s).
 """
@@ -183,6 +183,7 @@ def frozen_critic(count_rm, tmp_path_factory):
 
 
 LAYOUTS = {"tp2": (2, ["model.tensor_model_parallel_size=2"]), "pp2": (2, ["model.pipeline_model_parallel_size=2"]),
+           "dp2": (2, ["model.micro_batch_size=8"]),  # each rank generates and scores its own prompts
            "no_overlap": (1, ["trainer.ppo.overlap_critic=false"])}
 ONE_STEP = ["trainer.ppo.max_steps=1", "trainer.ppo.val_check_interval=0"]
 
