@@ -93,28 +93,17 @@ class RemoteCritic:
         self.overlap = overlap
 
     def submit(self, rollout):
-        pending = None
+        from nemo_aligner.algorithms.reward_sources import sent_from_model_parallel_source
 
         def send():
-            return self.client.submit_values(rollout.sequences(), pad_to_length=self.pad_to_length, pad_id=self.pad_id)
+            pending = self.client.submit_values(rollout.sequences(), pad_to_length=self.pad_to_length, pad_id=self.pad_id)
+            return pending if self.overlap else _Done(pending.result())
 
-        if _is_model_parallel_source():
-            try:
-                pending = send()
-                if not self.overlap:
-                    pending = _Done(pending.result())
-            except Exception as e:  # noqa: BLE001 -- surfaced at result(), on every rank
-                pending = e
+        wait = sent_from_model_parallel_source(send)
 
         def result():
-            def collect():
-                if isinstance(pending, Exception):
-                    raise pending
-                values, rewards = pending.result()
-                return torch.from_numpy(values), rewards
-
-            values, rewards = run_on_model_parallel_source(collect)
-            values = _label_aligned_values(values, rollout)
+            values, rewards = wait()
+            values = _label_aligned_values(torch.from_numpy(values), rollout)
             return values, None if rewards is None else torch.tensor(rewards, dtype=torch.float64)
 
         return result
@@ -130,16 +119,6 @@ class _Done:
 
     def result(self):
         return self.value
-
-
-def _is_model_parallel_source() -> bool:
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    if not dist.is_initialized() or not parallel_state.model_parallel_is_initialized():
-        return True
-    group = parallel_state.get_model_parallel_group()
-    return dist.get_rank() == dist.get_process_group_ranks(group)[0]
 
 
 def _label_aligned_values(values: torch.Tensor, rollout) -> torch.Tensor:

@@ -16,13 +16,12 @@ Exactly one source is configured: ``reward.function`` (rule), ``reward.model_pat
 import json
 
 import torch
-from megatron.core import parallel_state
 
 from nemo_aligner.models.collect import forward_only_collect
 from nemo_aligner.models.heads import sequence_rewards
 from nemo_aligner.rewards.functions import call_reward_function, load_reward_function
 from nemo_aligner.utils.config import cfg_get
-from nemo_aligner.utils.distributed import broadcast_within_pipeline, run_on_model_parallel_source
+from nemo_aligner.utils.distributed import broadcast_within_pipeline, is_model_parallel_source, run_on_model_parallel_source
 
 
 class RuleReward:
@@ -119,6 +118,28 @@ class ModelReward:
         return result
 
 
+def sent_from_model_parallel_source(send):
+    """Call ``send()`` (which returns a future) now on each model-parallel group's first rank;
+    returns ``wait()``, which gives the future's result on every rank of the group, or raises
+    its error (or ``send``'s) on every rank."""
+    pending = None
+    if is_model_parallel_source():
+        try:
+            pending = send()
+        except Exception as e:  # noqa: BLE001 -- surfaced at wait(), on every rank
+            pending = e
+
+    def wait():
+        def collect():
+            if isinstance(pending, Exception):
+                raise pending
+            return pending.result()
+
+        return run_on_model_parallel_source(collect)
+
+    return wait
+
+
 def sentences_payload(prompts, responses, samples) -> list[bytes]:
     """What a client sends as ``sentences``: one JSON object per sample with its prompt,
     response and prompt row, so a server serving a rule-based reward can call it."""
@@ -134,34 +155,12 @@ class RemoteReward:
         self.pad_to_length = pad_to_length
         self.pad_id = pad_id
 
-    def _is_source(self) -> bool:
-        if not parallel_state.model_parallel_is_initialized():
-            return True
-        import torch.distributed as dist
-
-        group = parallel_state.get_model_parallel_group()
-        return dist.get_rank() == dist.get_process_group_ranks(group)[0]
-
     def submit(self, rollout):
-        pending = None
-        if self._is_source():
-            try:
-                pending = self.client.submit_rewards(
-                    rollout.sequences(), sentences_payload(rollout.prompts, rollout.responses, rollout.samples),
-                    pad_to_length=self.pad_to_length, pad_id=self.pad_id,
-                )
-            except Exception as e:  # noqa: BLE001 -- surfaced at result(), on every rank
-                pending = e
-
-        def result():
-            def collect():
-                if isinstance(pending, Exception):
-                    raise pending
-                return pending.result()
-
-            return torch.tensor(run_on_model_parallel_source(collect), dtype=torch.float64)
-
-        return result
+        wait = sent_from_model_parallel_source(lambda: self.client.submit_rewards(
+            rollout.sequences(), sentences_payload(rollout.prompts, rollout.responses, rollout.samples),
+            pad_to_length=self.pad_to_length, pad_id=self.pad_id,
+        ))
+        return lambda: torch.tensor(wait(), dtype=torch.float64)
 
     def close(self):
         if self.client is not None:  # only each model-parallel group's first rank holds one

@@ -148,6 +148,20 @@ class TritonClient:
                 pass
 
 
+def sequence_requests(sequences: list[list[int]], max_batch_size: int, pad_to_length, pad_id: int):
+    """``(start, inputs)`` per request of at most ``max_batch_size`` sequences (all in one when
+    0): ``tokens`` int64 ``[b, W]`` right-padded to the longest sequence (or ``pad_to_length``)
+    and ``sequence_lengths`` int64 ``[b, 1]``, as our servers take them."""
+    width = max(max(len(s) for s in sequences), int(pad_to_length or 0))
+    chunk = max_batch_size or len(sequences)
+    for start in range(0, len(sequences), chunk):
+        part = sequences[start : start + chunk]
+        tokens = np.full((len(part), width), pad_id, dtype=np.int64)
+        for i, seq in enumerate(part):
+            tokens[i, : len(seq)] = seq
+        yield start, {"tokens": tokens, "sequence_lengths": np.array([[len(s)] for s in part], dtype=np.int64)}
+
+
 class _Gathered:
     """Futures of several requests, concatenated at ``result()``."""
 
@@ -172,27 +186,15 @@ class RewardClient(TritonClient):
 
     def submit_rewards(self, sequences: list[list[int]], sentences: list[bytes] | None = None, *,
                        pad_to_length: int | None = None, pad_id: int = 0) -> _Gathered:
-        longest = max(len(s) for s in sequences)
-        width = max(longest, int(pad_to_length or 0))
-        chunk = self.max_batch_size or len(sequences)
         futures = []
-        for start in range(0, len(sequences), chunk):
-            part = sequences[start : start + chunk]
-            tokens = np.full((len(part), width), pad_id, dtype=np.int64)
-            for i, seq in enumerate(part):
-                tokens[i, : len(seq)] = seq
-            inputs = {"tokens": tokens, "sequence_lengths": np.array([[len(s)] for s in part], dtype=np.int64)}
+        for start, inputs in sequence_requests(sequences, self.max_batch_size, pad_to_length, pad_id):
             if sentences is not None:
-                inputs["sentences"] = np.array([[s] for s in sentences[start : start + chunk]], dtype=np.object_)
+                inputs["sentences"] = np.array([[s] for s in sentences[start : start + len(inputs["tokens"])]],
+                                               dtype=np.object_)
             futures.append(self.submit(inputs))
         return _Gathered(futures, "rewards", self.inference_timeout_s)
 
 
-def padded_tokens(sequences: list[list[int]], width: int, pad_id: int) -> np.ndarray:
-    tokens = np.full((len(sequences), width), pad_id, dtype=np.int64)
-    for i, seq in enumerate(sequences):
-        tokens[i, : len(seq)] = seq
-    return tokens
 
 
 class _CriticValues:
@@ -227,17 +229,9 @@ class CriticClient:
         self.where = f"{host}:{port}"
 
     def submit_values(self, sequences: list[list[int]], *, pad_to_length: int | None = None, pad_id: int = 0):
-        longest = max(len(s) for s in sequences)
-        width = max(longest, int(pad_to_length or 0))
-        chunk = self.max_batch_size or len(sequences)
-        futures = []
-        for start in range(0, len(sequences), chunk):
-            part = sequences[start : start + chunk]
-            futures.append(self.infer.submit({
-                "tokens": padded_tokens(part, width, pad_id),
-                "sequence_lengths": np.array([[len(s)] for s in part], dtype=np.int64),
-            }))
-        return _CriticValues(futures, longest)
+        futures = [self.infer.submit(inputs)
+                   for _, inputs in sequence_requests(sequences, self.max_batch_size, pad_to_length, pad_id)]
+        return _CriticValues(futures, max(len(s) for s in sequences))
 
     def submit_train(self, tokens, returns, prev_values, mask):
         return self.train.submit({"tokens": np.asarray(tokens, dtype=np.int64),

@@ -183,6 +183,13 @@ def run_on_model_parallel_source(fn):
     return _run_on_first_rank(fn, parallel_state.get_model_parallel_group())
 
 
+def is_model_parallel_source() -> bool:
+    """Whether this rank is the first of its model-parallel group (the one that talks to servers)."""
+    if not dist.is_initialized() or not parallel_state.model_parallel_is_initialized():
+        return True
+    return dist.get_rank() == dist.get_process_group_ranks(parallel_state.get_model_parallel_group())[0]
+
+
 def run_on_global_rank_zero(fn):
     """``fn()`` computed on global rank 0 and broadcast to every rank; an exception it raises
     is re-raised on every rank (as :func:`run_on_model_parallel_source`)."""
