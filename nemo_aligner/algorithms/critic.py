@@ -222,10 +222,11 @@ class CriticTrainer(BaseTrainer):
         self.log.info(f"resumed the critic from {path} at optimizer step {self.step}")
 
 
-def build_critic_model(cfg, model_cfg, vocab_size: int):
+def build_critic_model(cfg, model_cfg, vocab_size: int, zero_head: bool):
     """``(model, loaded)``: this rank's critic, DDP-wrapped, with
     ``pretrained_checkpoint.restore_from_path`` loaded (``loaded``: ``reward model`` or
-    ``backbone``; after a backbone the value head is zeroed)."""
+    ``backbone``); ``zero_head`` (the source is a causal LM, not a reward model) starts the
+    value head at zero."""
     from nemo_aligner.models.reward_model import build_reward_model, restore_reward_model
     from nemo_aligner.utils.optim import wrap_ddp
 
@@ -234,7 +235,7 @@ def build_critic_model(cfg, model_cfg, vocab_size: int):
     loaded = None
     if path is not None:
         loaded = restore_reward_model(model, path)
-        if loaded == "backbone" and model.post_process:
+        if zero_head and model.post_process:
             with torch.no_grad():
                 for p in model.reward_head.parameters():
                     p.zero_()

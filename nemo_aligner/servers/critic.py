@@ -160,7 +160,7 @@ def build_critic_server(cfg):
     model_cfg["num_attributes"] = 1
     tokenizer, tokenizer_src = setup.build_tokenizer(cfg)
     vocab_size = setup.set_vocab_size(model_cfg, tokenizer)
-    model, loaded = build_critic_model(cfg, model_cfg, vocab_size)
+    model, _ = build_critic_model(cfg, model_cfg, vocab_size, zero_head=not is_rm)
     overrides = dict(cfg_get(cfg, "model.reward_standardization", {}) or {})
     shift = standardization(rm_cfg or {}, overrides)
     model_cfg["reward_standardization"] = ({"enable": True, "mean": shift[0].tolist(), "std": shift[1].tolist()}
@@ -187,7 +187,7 @@ def build_critic_server(cfg):
     else:
         setup.start_over_guard(cfg, trainer.checkpoint_manager)
     trainer.metrics_logger = MetricsLogger(setup.log_dir(cfg), config_yaml=setup.resolved_yaml(cfg))
-    trainer.log.info(f"critic from {path} ({loaded}{', value head zeroed' if loaded == 'backbone' else ''}); "
+    trainer.log.info(f"critic from {path} ({'a reward model' if is_rm else 'a causal LM, value head zeroed'}); "
                      f"{'serving the reward model too' if combined else 'values only'}")
     if distributed.is_global_rank_zero():
         check_port_free(host, port, "trainer.ppo.port")
