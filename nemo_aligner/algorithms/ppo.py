@@ -241,7 +241,8 @@ class PPOTrainer(OnlineTrainer):
         mask = batch["loss_mask"].to(logp.dtype)
         loss, ratio, clamped = clipped_surrogate(logp, old_logprobs(batch, logp), batch["advantages"].to(logp.device),
                                                  self.settings.ratio_eps)
-        sums = {"ppo_ratio_sum": (ratio.detach() * mask).sum(), "ppo_ratio_clamped_sum": (clamped.detach() * mask).sum()}
+        sums = {"ppo_ratio_sum": (ratio.detach() * mask).sum(), "ppo_ratio_clamped_sum": (clamped.detach() * mask).sum(),
+                "scaled_entropy_sum": torch.zeros((), dtype=logp.dtype, device=logp.device)}
         if self.needs_entropy:
             scaled = self.settings.entropy_bonus * batch["entropy"]
             loss = loss - scaled

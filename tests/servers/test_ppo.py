@@ -120,9 +120,16 @@ def test_ppo_through_a_rule_reward_server_rises(tiny_policy, tmp_path):
                        "critic.model.global_batch_size=32",
                        f"actor.pretrained_checkpoint.restore_from_path={tiny_policy}", "actor.trainer.ppo.max_steps=24",
                        "actor.trainer.ppo.max_epochs=2", "actor.trainer.ppo.val_check_interval=24",
-                       "actor.model.ppo.num_val_samples=64", "actor.trainer.ppo.gae_lambda=1.0")
+                       "actor.model.ppo.num_val_samples=64", "actor.trainer.ppo.gae_lambda=1.0",
+                       "actor.trainer.ppo.critic_warmup_steps=2")
     assert code == 0, out[-4000:]
     assert "value head zeroed" in (tmp_path / "critic.log").read_text()
+    from nemo_aligner.checkpoint.distributed import CheckpointManager, read_trainer_state
+
+    # Warm-up: one extra rollout trains the critic alone first, so (24 + 1) x 64 / 32 critic steps.
+    state = read_trainer_state(CheckpointManager(tmp_path / "critic" / "checkpoints").latest())
+    assert (state["actor_step"], state["optimizer_step"]) == (24, 50)
+    assert "critic warm-up rollout 1" in out
     # Sampled rewards are 0/1 per prompt: compare the first and last quarters of the run, and
     # the greedy held-out rate (measured: train 0.19 -> 0.37, held-out 0.45 -> 0.58).
     train = [m["train_rollouts/rewards"] for m in read_metrics(tmp_path / "actor") if "train_rollouts/rewards" in m]
@@ -186,25 +193,27 @@ LAYOUTS = {"tp2": (2, ["model.tensor_model_parallel_size=2"]), "pp2": (2, ["mode
            "dp2": (2, ["model.micro_batch_size=8"]),  # each rank generates and scores its own prompts
            "no_overlap": (1, ["trainer.ppo.overlap_critic=false"])}
 ONE_STEP = ["trainer.ppo.max_steps=1", "trainer.ppo.val_check_interval=0"]
+ENTROPY = ["model.ppo.entropy_bonus=0.01"]  # the vocab-parallel entropy in the loss, at every layout
 
 
 @pytest.fixture(scope="module")
 def tp1_step(tiny_policy, frozen_critic, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("tp1")
-    run(PPO_SCRIPT, actor_args(tiny_policy, log_dir, frozen_critic, *ONE_STEP))
+    run(PPO_SCRIPT, actor_args(tiny_policy, log_dir, frozen_critic, *ONE_STEP, *ENTROPY))
     return read_metrics(log_dir)[-1]
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_actor_first_step_matches_tp1(layout, tiny_policy, frozen_critic, tp1_step, tmp_path):
     nproc, extra = LAYOUTS[layout]
-    run(PPO_SCRIPT, actor_args(tiny_policy, tmp_path, frozen_critic, *ONE_STEP, *extra), nproc=nproc)
+    run(PPO_SCRIPT, actor_args(tiny_policy, tmp_path, frozen_critic, *ONE_STEP, *ENTROPY, *extra), nproc=nproc)
     got = read_metrics(tmp_path)[-1]
     assert tp1_step["train_optim/optim_step"] == 2  # 32 samples, 16 per optimizer step
+    assert tp1_step["train_optim/scaled_entropy"] > 0
     for key in ("train_rollouts/rewards", "train_rollouts/generation_length"):
         assert got[key] == tp1_step[key], key  # the same samples
     for key in ("train_rollouts/values_mean", "train_rollouts/advantages_mean", "train_rollouts/returns_mean",
-                "train_rollouts/init_policy_kl", "train_optim/loss"):
+                "train_rollouts/init_policy_kl", "train_optim/loss", "train_optim/scaled_entropy"):
         assert got[key] == pytest.approx(tp1_step[key], abs=1e-5), key
     assert got["train_optim/grad_norm"] == pytest.approx(tp1_step["train_optim/grad_norm"], rel=1e-4, abs=1e-5)
 
