@@ -270,11 +270,11 @@ class PPOTrainer(OnlineTrainer):
         return super().fit()
 
     def check_critic_step(self) -> None:
-        """Refuse a critic that resumed from another step than the actor (collective)."""
+        """Refuse, when the actor resumed, a critic that did not resume from the checkpoint saved
+        with the actor's (collective). A fresh actor takes any critic (e.g. one trained before)."""
         def check():
             theirs = self.critic.saved_actor_step()
-            ours = self.step if self.step > 0 else -1  # -1: nothing saved yet
-            if theirs != ours:
+            if self.step > 0 and theirs != self.step:
                 raise CriticMismatchError(
                     f"the critic at {self.critic.where} resumed from its checkpoint of actor step {theirs} but the actor "
                     f"resumed from step {self.step}; restart the critic with the checkpoint saved with this one "

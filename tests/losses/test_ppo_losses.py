@@ -2,14 +2,15 @@
 with the KL penalty, GAE over ragged masks, whitening across two data-parallel ranks, the
 clipped policy loss with the entropy bonus, and the clipped value loss; plus gradcheck."""
 
-import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from nemo_aligner.losses import policy as P
+
+WORKER = Path(__file__).resolve().parents[1] / "distributed" / "workers" / "whiten_worker.py"
 
 D = dict(dtype=torch.float64)
 
@@ -63,34 +64,21 @@ def test_whitening_hand_values():
     assert w[:3].tolist() == pytest.approx([(v - 2.0) / (2.0 / 3.0 + 1e-8) ** 0.5 for v in (1.0, 2.0, 3.0)])
 
 
-def _whiten_worker(rank, port, parts, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        values, mask = parts[rank]
-        mean, var = P.masked_mean_var(values, mask, group=dist.group.WORLD)
-        out[rank] = (float(mean), float(var), P.masked_whiten(values, mask, group=dist.group.WORLD))
-    finally:
-        dist.destroy_process_group()
+@pytest.mark.slow
+def test_whitening_across_two_data_parallel_ranks_equals_whitening_everything(tmp_path):
+    sys.path.insert(0, str(WORKER.parent))
+    from helpers import run
+    from whiten_worker import data
 
-
-def test_whitening_across_two_data_parallel_ranks_equals_whitening_everything():
-    from nemo_aligner.servers.base import free_port
-
-    torch.manual_seed(0)
-    values = torch.randn(6, 5, **D) * 3 + 1
-    mask = (torch.rand(6, 5) > 0.4).to(torch.float64)
-    mask[4:] = 0
-    mask[4, 0] = 1  # rank 1 holds few entries: the statistics weigh entries, not ranks
-    parts = [(values[:3], mask[:3]), (values[3:], mask[3:])]
-    out = mp.Manager().dict()
-    mp.spawn(_whiten_worker, args=(free_port(), parts, out), nprocs=2)
+    run(WORKER, [str(tmp_path / "dp2")], nproc=2)
+    values, mask = data()
     mean, var = P.masked_mean_var(values, mask)
     whole = P.masked_whiten(values, mask)
-    for rank in range(2):
-        assert out[rank][0] == pytest.approx(float(mean), abs=1e-12)
-        assert out[rank][1] == pytest.approx(float(var), abs=1e-12)
-    both = torch.cat([out[0][2], out[1][2]])
+    parts = [torch.load(tmp_path / f"dp2.{r}.pt", weights_only=True) for r in range(2)]
+    for part in parts:
+        assert float(part["mean"]) == pytest.approx(float(mean), abs=1e-12)
+        assert float(part["var"]) == pytest.approx(float(var), abs=1e-12)
+    both = torch.cat([p["whitened"] for p in parts])
     assert torch.allclose(both * mask, whole * mask, atol=1e-12)
 
 
