@@ -25,7 +25,7 @@ def error_line(proc):
     ("no_such_module.rewards:fn", "cannot import 'no_such_module.rewards'"),
     ("nemo_aligner.rewards.quickstart:nope", "has no 'nope'"),
     ("nemo_aligner.rewards.quickstart", "name it as 'package.module:callable'"),
-    ("tests.rl_rewards:wrong_count", "returned 127 rewards for 128 responses"),
+    ("tests.rl_rewards:wrong_count", "returned 63 rewards for 64 responses"),  # asked per generated micro-batch
     ("tests.rl_rewards:not_a_number", "returned 'abc' for response 0"),
 ], ids=["no-module", "no-function", "no-colon", "wrong-count", "not-a-number"])
 def test_bad_reward_function(tiny_policy, tmp_path, spec, needle):
