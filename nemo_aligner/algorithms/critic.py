@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from nemo_aligner.algorithms.reward_sources import sequence_batch
 from nemo_aligner.algorithms.trainer import BaseTrainer
 from nemo_aligner.checkpoint.distributed import read_trainer_state
 from nemo_aligner.data.loader import StepBatch
@@ -54,14 +55,6 @@ def sequence_rows(tokens: np.ndarray, lengths) -> list[list[int]]:
     return [tokens[i, : int(n)].tolist() for i, n in enumerate(np.asarray(lengths).reshape(-1))]
 
 
-def padded_batch(sequences: list[list[int]], width: int, pad_id: int) -> dict:
-    """Right-padded ``tokens`` / ``position_ids`` plus ``seq_ids`` and ``last_index`` (what
-    :func:`~nemo_aligner.models.heads.sequence_rewards` reads)."""
-    from nemo_aligner.algorithms.reward_sources import sequence_batch
-
-    return sequence_batch(sequences, pad_id, width)
-
-
 @torch.no_grad()
 def dp_split_values(model_chunks, sequences: list[list[int]], width: int, pad_id: int, micro_batch_size: int,
                     reduce_fn, columns: int) -> torch.Tensor:
@@ -75,7 +68,7 @@ def dp_split_values(model_chunks, sequences: list[list[int]], width: int, pad_id
     out = torch.zeros(n, columns, dtype=torch.float32)
     if mine:
         rows = mine + [mine[-1]] * (-len(mine) % micro_batch_size)  # the pipeline needs equal micro-batches
-        micro = [padded_batch([sequences[i] for i in rows[s : s + micro_batch_size]], width, pad_id)
+        micro = [sequence_batch([sequences[i] for i in rows[s : s + micro_batch_size]], pad_id, width)
                  for s in range(0, len(rows), micro_batch_size)]
         parts = forward_only_collect(model_chunks, micro, reduce_fn)
         values = broadcast_within_pipeline(torch.cat(parts)[: len(mine)] if parts is not None else None)
