@@ -30,6 +30,7 @@ from nemo_aligner.algorithms.reference import (
     REFERENCE_MODES,
     ReferenceWeights,
     attach_reference_logps,
+    reference_for,
     items_used,
     precompute_reference_logps,
     sequence_logps,
@@ -301,7 +302,7 @@ def _setup_reference(trainer, settings, model, datasets, collate, micro_batch_si
     if not settings.needs_reference:
         return None
     if settings.ref_logprobs == "swap":
-        return ReferenceWeights(model)
+        return reference_for(model)
     loaders = {"train": trainer.train_loader, "validation": trainer.val_loader}
     for name, (ds, base) in datasets.items():
         sampler = loaders[name].sampler

@@ -312,7 +312,7 @@ def build_online_trainer(cfg, trainer_cls, settings: OnlineSettings, size_key: s
     replaces the default (the reward source ``cfg`` names, no values) for methods with a critic."""
     from megatron.core import parallel_state
 
-    from nemo_aligner.algorithms.reference import ReferenceWeights
+    from nemo_aligner.algorithms.reference import reference_for
     from nemo_aligner.algorithms.reward_sources import build_reward_source
     from nemo_aligner.data.datasets import data_files, data_prefix
     from nemo_aligner.data.prompts import PromptDataset, PromptLoader
@@ -359,7 +359,7 @@ def build_online_trainer(cfg, trainer_cls, settings: OnlineSettings, size_key: s
     else:
         reward_source, value_source, extra = sources(cfg, tokenizer, settings)
     model = setup.build_model(cfg, model_cfg, vocab_size)
-    reference = ReferenceWeights(model) if settings.initial_policy_kl_penalty != 0 else None
+    reference = reference_for(model) if settings.initial_policy_kl_penalty != 0 else None
     engine = build_engine(model, model_cfg, tokenizer, vocab_size, settings.rollout_micro_batch_size)
     val_sampling = SamplingParams(greedy=True, max_new_tokens=max_new, min_new_tokens=settings.sampling.min_new_tokens,
                                   stop_strings=settings.sampling.stop_strings)
@@ -386,9 +386,15 @@ def build_engine(model, model_cfg, tokenizer, vocab_size: int, batch_size: int):
     from megatron.core import parallel_state
 
     from nemo_aligner.generation.megatron_engine import MegatronEngine
+    from nemo_aligner.models.lora import has_lora
 
     kwargs = dict(vocab_size=tokenizer.vocab_size, max_sequence_length=int(model_cfg["encoder_seq_length"]),
                   max_batch_size=batch_size)
+    if has_lora(model):
+        # The adapted layers would keep the lean decoder off; a plain copy refit with the
+        # merged weights keeps it on (and the copy stays in the training model's layout).
+        plain_cfg = dict(model_cfg, peft={"peft_scheme": "none"})
+        return MegatronEngine.with_own_weights(plain_cfg, model, tokenizer, **kwargs)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         return MegatronEngine.with_own_weights(model_cfg, model, tokenizer, **kwargs)
     return MegatronEngine(model, tokenizer, **kwargs)

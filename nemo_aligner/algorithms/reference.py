@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from nemo_aligner.models.collect import forward_only_collect
 from nemo_aligner.models.logprobs import token_logprobs
+from nemo_aligner.models.lora import adapters_disabled, has_lora, reference_context
 from nemo_aligner.utils.distributed import is_global_rank_zero
 
 REFERENCE_MODES = ("precompute", "swap")
@@ -73,7 +74,8 @@ def precompute_reference_logps(model_chunks, dataset, base_dataset, collate_fn, 
     chunks = [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
     for chunk in tqdm(chunks, desc=desc, disable=not is_global_rank_zero(), dynamic_ncols=True):
         batch = collate_fn([dataset[i] for i in chunk])
-        sums = forward_only_collect(model_chunks, [batch], _reference_sums)
+        with reference_context(model_chunks):  # a LoRA model's reference: its adapters off
+            sums = forward_only_collect(model_chunks, [batch], _reference_sums)
         if sums is not None:
             values[batch["sample_ids"]] = sums[0].view(-1, 2).double()
             computed[batch["sample_ids"]] = 1.0
@@ -137,6 +139,24 @@ class ReferenceWeights:
             yield
         finally:
             self._exchange()
+
+
+class AdapterReference:
+    """The reference of a LoRA model: the same weights with the adapters switched off (no copy).
+    Has :class:`ReferenceWeights`' interface."""
+
+    def __init__(self, model_chunks):
+        self.model = model_chunks[0] if isinstance(model_chunks, list) else model_chunks
+
+    def swapped(self):
+        return adapters_disabled(self.model)
+
+
+def reference_for(model_chunks):
+    """The reference policy of a run: :class:`AdapterReference` for a LoRA model, else the
+    initial weights kept on CPU (:class:`ReferenceWeights`)."""
+    chunk = model_chunks[0] if isinstance(model_chunks, list) else model_chunks
+    return AdapterReference(chunk) if has_lora(chunk) else ReferenceWeights(model_chunks)
 
 
 def attach_reference_logps(reference: ReferenceWeights, model_chunks, micro_batches: list[dict]) -> None:

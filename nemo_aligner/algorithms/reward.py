@@ -107,6 +107,10 @@ def build_rm_model(cfg, model_cfg, vocab_size: int):
     if path is not None:
         what = restore_reward_model(model, path)
         get_logger().info(f"restored the {what} from {path}")
+    from nemo_aligner.models.reward_model import HEAD_PREFIX
+    from nemo_aligner.utils import setup
+
+    setup.attach_peft(cfg, model_cfg, model, also_train=(HEAD_PREFIX,))  # LoRA trains the new head too
     return wrap_ddp(model, model_cfg)
 
 

@@ -28,6 +28,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from tqdm import tqdm
 
 from nemo_aligner.checkpoint.distributed import load_checkpoint, save_checkpoint
+from nemo_aligner.models.lora import has_lora, merge_lora
 from nemo_aligner.utils.config import cfg_get, cfg_int
 from nemo_aligner.utils.cpu_support import cuda_on_cpu, native_torch
 from nemo_aligner.utils.distributed import is_global_rank_zero
@@ -286,8 +287,14 @@ class BaseTrainer:
         self.log.info(f"saved checkpoint {path}")
 
     def export_final_model(self, path) -> None:
-        """Weights only (no optimizer state): what a later run restores from."""
-        save_checkpoint(path, self.model, self.model_cfg_to_save, None, self.state_dict(), self.tokenizer_dir)
+        """Weights only (no optimizer state): what a later run restores from. A LoRA model's
+        adapters are merged first, so the final model is a plain one that any run, the
+        generation scripts and the Hugging Face export take as it is."""
+        model_cfg = self.model_cfg_to_save
+        if has_lora(self.model):
+            merge_lora(self.model)
+            model_cfg = dict(model_cfg, peft={"peft_scheme": "none", "merged_from": dict(model_cfg.get("peft") or {})})
+        save_checkpoint(path, self.model, model_cfg, None, self.state_dict(), self.tokenizer_dir)
         self.log.info(f"saved final model to {path}")
 
     # ---- the loop --------------------------------------------------------------------

@@ -68,9 +68,26 @@ def _unwrap(chunk):
 
 
 def _model_sharded_state_dict(model_chunks):
+    """The model's sharded state, limited to what it saves: a model with a
+    ``checkpoint_key_filter(name) -> bool`` (LoRA: the adapters only, or after a merge the plain
+    weights only) saves and loads just the keys the filter keeps."""
     if len(model_chunks) != 1:
         raise NotImplementedError("virtual pipeline (several model chunks) is not supported")
-    return _unwrap(model_chunks[0]).sharded_state_dict()
+    module = _unwrap(model_chunks[0])
+    sharded = module.sharded_state_dict()
+    keep = getattr(module, "checkpoint_key_filter", None)
+    return sharded if keep is None else {k: v for k, v in sharded.items() if keep(k)}
+
+
+def _load_model_state(module, state: dict, strict: bool) -> None:
+    keep = getattr(module, "checkpoint_key_filter", None)
+    if keep is None:
+        module.load_state_dict(state, strict=strict)
+        return
+    result = module.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if keep(k) and not k.endswith("_extra_state")]
+    if strict and missing:
+        raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors of this model (first: {missing[0]})")
 
 
 def _layout() -> list[int]:
@@ -303,7 +320,7 @@ def load_checkpoint(path, model_chunks, optimizer=None, strict=True) -> dict:
     with cuda_on_cpu(), load_errors(path):
         # Unexpected keys are fine: a model-only load ignores the optimizer state.
         state = dist_checkpointing.load(sharded, str(path), strict="assume_ok_unexpected")
-    _unwrap(model_chunks[0]).load_state_dict(state["model"], strict=strict)
+    _load_model_state(_unwrap(model_chunks[0]), state["model"], strict)
     if optimizer is not None:
         with cuda_on_cpu():
             optimizer.load_state_dict(state["optimizer"])

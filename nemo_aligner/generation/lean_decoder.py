@@ -53,6 +53,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from nemo_aligner.generation import cpu_kernels
 from nemo_aligner.models.attention import SDPACoreAttention
+from nemo_aligner.models.lora import adapters
 
 
 def unsupported_reason(model) -> str | None:
@@ -82,6 +83,8 @@ def unsupported_reason(model) -> str | None:
         return f"position_embedding_type={model.position_embedding_type}"
     if model.output_layer.bias is not None:
         return "an output layer bias"
+    if any(a.enabled for a in adapters(model)):
+        return "LoRA adapters (generate from merged weights: MegatronEngine.with_own_weights)"
     for layer in model.decoder.layers:
         attn, mlp = layer.self_attention, layer.mlp
         checks = (

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from nemo_aligner.generation.engine import GenerationError
+from nemo_aligner.models.lora import has_lora, is_adapter_key, is_merged, merged_weights
 
 _SINGLETON_GROUPS = {}
 
@@ -42,7 +43,7 @@ class WeightCopier:
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def _pair(self, source) -> None:
-        src = dict(source.named_parameters())
+        src = {n: p for n, p in source.named_parameters() if not is_adapter_key(n)}
         pairs = []
         for name, dst in self.target.named_parameters():
             if name not in src:
@@ -58,6 +59,7 @@ class WeightCopier:
                 )
             pairs.append((dst, src[name]))
         self._pairs = pairs
+        self._names = [(name, dst) for name, dst in self.target.named_parameters()]
         self._source = weakref.ref(source)
 
     @torch.no_grad()
@@ -65,6 +67,12 @@ class WeightCopier:
         # Identity, not id(): a new model may reuse a freed one's id.
         if self._source() is not source:
             self._pair(source)
+        if has_lora(source) and not is_merged(source):
+            # LoRA: the engine holds plain weights; the adapted ones arrive merged.
+            merged = merged_weights(source)
+            for name, dst in self._names:
+                dst.copy_(merged[name])
+            return
         for dst, src in self._pairs:
             dst.copy_(src)
 
@@ -91,7 +99,8 @@ def _global_names(model) -> dict[str, torch.Tensor]:
     """This stage's parameters under full-model names (``decoder.layers.<global index>``)."""
     numbers = {str(i): str(layer.layer_number - 1) for i, layer in enumerate(model.decoder.layers)}
     named = {}
-    for name, param in model.named_parameters():
+    params = merged_weights(model) if has_lora(model) and not is_merged(model) else dict(model.named_parameters())
+    for name, param in params.items():
         parts = name.split(".")
         if parts[:2] == ["decoder", "layers"]:
             parts[2] = numbers[parts[2]]
@@ -136,8 +145,8 @@ class PipelineGatherCopier:
 
     @torch.no_grad()
     def copy_from(self, source) -> None:
-        if self._source() is not source:
-            self._pair(source)
+        if self._source() is not source or (has_lora(source) and not is_merged(source)):
+            self._pair(source)  # (LoRA: the merged weights are new tensors at every refit)
         for dst, src, owner in self._plan:
             if src is not None:
                 dst.copy_(src)

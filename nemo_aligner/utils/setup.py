@@ -140,18 +140,99 @@ def build_tokenizer(cfg):
 
 def build_model(cfg, model_cfg, vocab_size: int, wrap: bool = True):
     """This rank's model chunk, with the weights of ``pretrained_checkpoint.restore_from_path``
-    when set (one of our checkpoints or a Hugging Face directory), DDP-wrapped unless
-    ``wrap=False``."""
+    when set (one of our checkpoints, a LoRA checkpoint of ours (merged on load), or a Hugging
+    Face directory), with LoRA adapters when ``model.peft.peft_scheme=lora`` (see
+    :func:`attach_peft`), DDP-wrapped unless ``wrap=False``."""
     ckpt = restore_path(cfg)
+    seed = int(cfg_get(cfg, "seed", 1234))
     from_hf = ckpt is not None and not is_checkpoint(ckpt)
-    model = build_gpt_model(
-        model_cfg, vocab_size, seed=int(cfg_get(cfg, "seed", 1234)), initialize=not from_hf
-    )
-    if from_hf:
-        load_hf_weights(model, ckpt, model_cfg, progress=True)
-    elif ckpt is not None:
-        load_checkpoint(ckpt, [model])
+    model = build_gpt_model(model_cfg, vocab_size, seed=seed, initialize=not from_hf)
+    if ckpt is not None:
+        load_weights(model, ckpt, model_cfg)
+    attach_peft(cfg, model_cfg, model)
     return wrap_ddp(model, model_cfg) if wrap else model
+
+
+def is_adapter_checkpoint(path) -> bool:
+    """A checkpoint of a LoRA run: its adapters, and the base model they apply to."""
+    return is_checkpoint(path) and str(cfg_get(read_model_config(path), "peft.peft_scheme", "none")).lower() == "lora"
+
+
+def load_weights(model, path, model_cfg) -> None:
+    """Fill ``model`` from ``path``: a Hugging Face directory, a checkpoint of ours, or a LoRA
+    checkpoint of ours (its base model, then its adapters, merged into plain weights)."""
+    path = Path(path)
+    if not is_checkpoint(path):
+        load_hf_weights(model, path, model_cfg, progress=True)
+        return
+    if not is_adapter_checkpoint(path):
+        load_checkpoint(path, [model])
+        return
+    from nemo_aligner.models.lora import LoRASettings, apply_lora, strip_lora
+
+    saved = read_model_config(path)
+    peft = saved["peft"]
+    base = peft.get("base_model_path")
+    if base is not None:
+        if not Path(base).exists():
+            raise CheckpointError(
+                f"{path} holds LoRA adapters for the base model {base}, which does not exist any more; restore "
+                "that base model, or start from a merged final_model"
+            )
+        load_weights(model, base, model_cfg)
+    elif peft.get("base_model_seed") is not None:  # a base drawn at random: draw it again
+        drawn = build_gpt_model(model_cfg, int(model_cfg["vocab_size"]), seed=int(peft["base_model_seed"]))
+        model.load_state_dict(drawn.state_dict())
+    apply_lora(model, LoRASettings.from_model_cfg(saved), seed=0)
+    load_checkpoint(path, [model])
+    strip_lora(model)
+
+
+def attach_peft(cfg, model_cfg, model, also_train=()) -> None:
+    """The one PEFT switch of every trainer: with ``model.peft.peft_scheme=lora`` add LoRA
+    adapters (``model.peft.lora_tuning``), freeze the rest except the parameters whose names
+    start with one of ``also_train`` (e.g. a reward head), continue from
+    ``model.peft.restore_from_path`` when set, and record in ``model_cfg['peft']`` the base model
+    (path, or seed when it was drawn) so that the run's adapter checkpoints describe themselves."""
+    from nemo_aligner.models.lora import LoRASettings, apply_lora, trainable_fraction
+
+    settings = LoRASettings.from_model_cfg(model_cfg)
+    if settings is None:
+        return
+    ckpt = restore_path(cfg)
+    seed = int(cfg_get(cfg, "seed", 1234))
+    peft = model_cfg.setdefault("peft", {})
+    peft["base_model_path"] = None if ckpt is None else str(ckpt.resolve())
+    peft["base_model_seed"] = None if ckpt is not None else seed
+    apply_lora(model, settings, seed=seed, also_train=also_train)
+    if settings.restore_from_path is not None:
+        load_adapters(model, settings.restore_from_path, model_cfg)
+    from nemo_aligner.utils.logging import get_logger
+
+    get_logger().info(f"LoRA on {', '.join(settings.target_modules)} (rank {settings.adapter_dim}, alpha "
+                      f"{settings.alpha:g}): {100 * trainable_fraction(model):.2f}% of the parameters train")
+
+
+def load_adapters(model, path, model_cfg) -> None:
+    """``model.peft.restore_from_path``: continue from the adapters of a LoRA checkpoint, refused
+    in one line when they were trained for another architecture or another adapter layout."""
+    where = f"model.peft.restore_from_path={path}"
+    if not is_adapter_checkpoint(path):
+        raise CheckpointError(f"{where} is not a LoRA checkpoint of ours (its model_config.yaml has no "
+                              "peft.peft_scheme: lora)")
+    saved = read_model_config(path)
+    for key in ARCHITECTURE_KEYS:
+        if key not in ("hf_config",) and key in saved and key in model_cfg and saved[key] != model_cfg[key]:
+            raise CheckpointError(f"{where}: its adapters were trained on a base model with {key}={saved[key]!r}, "
+                                  f"this model has {key}={model_cfg[key]!r}; use the base model they were trained on")
+    from nemo_aligner.models.lora import LoRASettings
+
+    ours, theirs = LoRASettings.from_model_cfg(model_cfg), LoRASettings.from_model_cfg(saved)
+    for key in ("target_modules", "adapter_dim", "layer_selection"):
+        if getattr(ours, key) != getattr(theirs, key):
+            raise CheckpointError(f"{where} has lora_tuning.{key}={getattr(theirs, key)!r}, this run "
+                                  f"{getattr(ours, key)!r}; set model.peft.lora_tuning.{key} to match")
+    load_checkpoint(path, [model])
 
 
 def build_optimization(cfg, model_cfg, model, algo: str, max_steps: int):
@@ -235,7 +316,8 @@ def data_parallel_info():
 
 
 def model_from_checkpoint(path):
-    """This rank's GPT chunk with the weights of checkpoint ``path``, at the current layout.
+    """This rank's GPT chunk with the weights of checkpoint ``path`` (a LoRA checkpoint's merged
+    into its base model), at the current layout.
 
     Distributed state must be initialized (any TP/PP); no optimizer, no DDP wrapper.
     """
@@ -245,7 +327,7 @@ def model_from_checkpoint(path):
     model_cfg["tensor_model_parallel_size"] = parallel_state.get_tensor_model_parallel_world_size()
     model_cfg["pipeline_model_parallel_size"] = parallel_state.get_pipeline_model_parallel_world_size()
     model = build_gpt_model(model_cfg, int(model_cfg["vocab_size"]), initialize=False)
-    load_checkpoint(path, [model])
+    load_weights(model, path, model_cfg)  # a LoRA checkpoint: its base model with the adapters merged
     return model
 
 
