@@ -9,7 +9,9 @@ The directory holds ``config.json``, safetensors weights (sharded with an index 
 is written as its own architecture with its original config fields; a model trained from
 scratch as the family it matches (Llama, Qwen2 or GPT-2). A reward model is written as that
 family's ``*ForSequenceClassification`` (its head as ``score``; reward standardization is not
-part of the export).
+part of the export). A LoRA checkpoint (a training checkpoint of a run with
+``model.peft.peft_scheme=lora``) is written with its adapters merged into its base model,
+``W + (alpha / r) B A``; a LoRA run's ``final_model`` is merged already.
 """
 
 import argparse
