@@ -153,6 +153,15 @@ class HFTokenizer(Tokenizer):
         return self._tok.get_vocab_size(with_added_tokens=True)
 
 
+TOKENIZER_PROBE = "The quick brown fox jumps over the lazy dog: 0123456789, ?!"
+
+
+def tokenizer_fingerprint(tokenizer) -> tuple[int, list[int]]:
+    """``(vocab_size, ids of TOKENIZER_PROBE)``: equal for two tokenizers that agree (a critic
+    server and its actor, a teacher's top-k logits file and its student)."""
+    return int(tokenizer.vocab_size), list(tokenizer.text_to_ids(TOKENIZER_PROBE))
+
+
 def load_tokenizer(path: str) -> Tokenizer:
     """Load a tokenizer from a SentencePiece ``.model`` file, a ``tokenizer.json`` file, or a
     directory containing ``tokenizer.json`` (preferred) or ``tokenizer.model``."""

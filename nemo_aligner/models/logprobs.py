@@ -54,6 +54,22 @@ class _VocabParallelEntropy(torch.autograd.Function):
         return grad.to(ctx.input_dtype), None
 
 
+def vocab_parallel_gather(vocab_parallel_logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``logits[..., ids]`` ``[..., K]`` for global vocabulary ids ``ids`` ``[..., K]``, from this
+    rank's vocabulary shard: each rank gathers the ids it holds, one all-reduce sums them
+    (differentiable; the gradient reaches only the holder's shard)."""
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+    width = vocab_parallel_logits.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * width
+    local = ids - start
+    held = (local >= 0) & (local < width)
+    picked = vocab_parallel_logits.gather(-1, local.clamp(0, width - 1)) * held
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return picked
+    return reduce_from_tensor_model_parallel_region(picked)
+
+
 def token_entropy(vocab_parallel_logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the next-token distribution at each position, ``[...]``, float32."""
     group = parallel_state.get_tensor_model_parallel_group()

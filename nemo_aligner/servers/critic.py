@@ -25,16 +25,11 @@ The math is :mod:`nemo_aligner.algorithms.critic`; this module only wires it to 
 import numpy as np
 from megatron.core import parallel_state
 
+from nemo_aligner.data.tokenizers import tokenizer_fingerprint
 from nemo_aligner.servers.reward_model import check_port_free, check_request
 from nemo_aligner.utils.config import cfg_get, cfg_int
 
 INFER, TRAIN, SAVE, INFO = "critic_infer", "critic_train", "critic_save", "critic_info"
-TOKENIZER_PROBE = "The quick brown fox jumps over the lazy dog: 0123456789, ?!"
-
-
-def tokenizer_fingerprint(tokenizer) -> tuple[int, list[int]]:
-    """``(vocab_size, ids of TOKENIZER_PROBE)``: equal for two tokenizers that agree."""
-    return int(tokenizer.vocab_size), list(tokenizer.text_to_ids(TOKENIZER_PROBE))
 
 
 def critic_tensors(combined: bool):
