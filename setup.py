@@ -34,6 +34,6 @@ setup(
         "bench": ["trl", "transformers>=4.45"],
         # The tests check parity with transformers (HF interop, generation, DPO data) and run
         # real PyTriton servers (reward model); PyTriton pins numpy<2.
-        "test": ["pytest>=7", "transformers>=4.45", "nvidia-pytriton"],
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "transformers>=4.45", "nvidia-pytriton"],
     },
 )
