@@ -47,7 +47,8 @@ def child(args) -> None:
         cfg = compose(config_name="gpt_dpo", overrides=overrides)
     trainer = build_dpo_trainer(cfg)
     trainer.fit()
-    params = list(trainer.model.parameters())
+    model = trainer.model[0] if isinstance(trainer.model, list) else trainer.model
+    params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     optimizers = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
     torch_optimizers = [o.optimizer for o in optimizers]
