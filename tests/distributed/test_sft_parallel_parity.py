@@ -59,3 +59,14 @@ def test_gpt2_style_tied_embeddings_match_at_tp2_pp2_dp2(tmp_path):
     """Tied embeddings under PP: the last stage's copy starts equal and stays in sync."""
     reference = sft_metrics(tmp_path / "ref", 1, 1, 1, GPT2_STYLE)
     assert_same_run(sft_metrics(tmp_path / "par", 8, 2, 2, GPT2_STYLE), reference)
+
+
+@pytest.mark.slow
+def test_lora_sft_matches_single_process_at_tp2_pp2(tmp_path):
+    """LoRA on every linear (B drawn at random so A trains from step 1): sharded adapters, the
+    gradient norm over replicated and sharded adapter matrices, and PP stages agree with TP1."""
+    lora = ["model.peft.peft_scheme=lora", "model.peft.lora_tuning.target_modules=[all]",
+            "model.peft.lora_tuning.adapter_dim=4", "model.peft.lora_tuning.row_init_method=normal",
+            "model.optim.lr=1e-2"]
+    reference = sft_metrics(tmp_path / "ref", 1, 1, 1, lora)
+    assert_same_run(sft_metrics(tmp_path / "tp2_pp2", 4, 2, 2, lora), reference)
