@@ -8,7 +8,7 @@ cross-entropy, reported even with ``sft_loss_weight: 0``), ``num_tokens``.
 
 from dataclasses import dataclass
 
-from nemo_aligner.algorithms.supervised import SupervisedTrainer
+from nemo_aligner.algorithms.supervised import SupervisedTrainer, token_loaders
 from nemo_aligner.losses.distillation import KD_LOSSES, distillation_token_loss, topk_kl
 from nemo_aligner.models.forward import forward_batch
 from nemo_aligner.models.logprobs import token_logprobs, vocab_parallel_gather
@@ -92,8 +92,6 @@ def build_distillation_trainer(cfg) -> DistillationTrainer:
 
     from nemo_aligner.data.datasets import data_prefix
     from nemo_aligner.data.distillation import TopKDataset, topk_collate
-    from nemo_aligner.data.loader import StepLoader
-    from nemo_aligner.data.samplers import MegatronBatchSampler
     from nemo_aligner.utils import setup
 
     setup.init_distributed(cfg)
@@ -107,19 +105,8 @@ def build_distillation_trainer(cfg) -> DistillationTrainer:
     max_len = int(model_cfg["encoder_seq_length"])
     train_ds = TopKDataset(prefix["train"], tokenizer, settings.top_k, max_len)
     val_ds = TopKDataset(prefix["validation"], tokenizer, train_ds.k, max_len) if prefix.get("validation") else None
-    dp_rank, dp_size = setup.data_parallel_info()
-    data = cfg_get(cfg, "model.data")
-    gbs, mbs = int(model_cfg["global_batch_size"]), int(model_cfg["micro_batch_size"])
-    seed = int(cfg_get(cfg, "seed", 1234))
-    collate = partial(topk_collate, pad_id=tokenizer.pad_id)
-    multiple = 8 * int(model_cfg.get("tensor_model_parallel_size", 1))
-
-    def loader(ds, shuffle, drop_last):
-        sampler = MegatronBatchSampler(len(ds), 0, gbs, dp_rank, dp_size, drop_last=drop_last, shuffle=shuffle, seed=seed)
-        return StepLoader(ds, sampler, mbs, collate, pad_to_multiple_of=multiple)
-
-    train_loader = loader(train_ds, bool(data.get("shuffle", True)), bool(data.get("drop_last", True)))
-    val_loader = loader(val_ds, False, False) if val_ds is not None else None
+    train_loader, val_loader = token_loaders(cfg, model_cfg, train_ds, val_ds,
+                                             partial(topk_collate, pad_id=tokenizer.pad_id))
     model = setup.build_model(cfg, model_cfg, vocab_size)
     trainer = DistillationTrainer(
         cfg, model, None, None, train_loader, val_loader, checkpoint_manager=setup.checkpoint_manager(cfg),

@@ -83,17 +83,14 @@ def build_sft_datasets(cfg, model_cfg, tokenizer):
     return train, val, collate
 
 
-def build_sft_trainer(cfg) -> SupervisedTrainer:
-    """Everything an SFT run needs, from its config (see ``conf/gpt_sft.yaml``)."""
+def token_loaders(cfg, model_cfg, train_ds, val_ds, collate):
+    """``(train, validation)`` step loaders over per-sample datasets (SFT, distillation): global
+    batches of ``model.global_batch_size`` samples split over data-parallel ranks, micro-batches
+    padded to a multiple of 8 x TP; the validation loader is None without a dataset."""
     from nemo_aligner.data.loader import StepLoader
     from nemo_aligner.data.samplers import MegatronBatchSampler
     from nemo_aligner.utils import setup
 
-    setup.init_distributed(cfg)
-    model_cfg = setup.resolve_model_cfg(cfg)
-    tokenizer, tokenizer_src = setup.build_tokenizer(cfg)
-    vocab_size = setup.set_vocab_size(model_cfg, tokenizer)
-    train_ds, val_ds, collate = build_sft_datasets(cfg, model_cfg, tokenizer)
     dp_rank, dp_size = setup.data_parallel_info()
     data = cfg_get(cfg, "model.data")
     gbs, mbs = int(model_cfg["global_batch_size"]), int(model_cfg["micro_batch_size"])
@@ -108,6 +105,19 @@ def build_sft_trainer(cfg) -> SupervisedTrainer:
 
     train_loader = loader(train_ds, bool(data.get("shuffle", True)), bool(data.get("drop_last", True)))
     val_loader = loader(val_ds, False, False) if val_ds is not None else None
+    return train_loader, val_loader
+
+
+def build_sft_trainer(cfg) -> SupervisedTrainer:
+    """Everything an SFT run needs, from its config (see ``conf/gpt_sft.yaml``)."""
+    from nemo_aligner.utils import setup
+
+    setup.init_distributed(cfg)
+    model_cfg = setup.resolve_model_cfg(cfg)
+    tokenizer, tokenizer_src = setup.build_tokenizer(cfg)
+    vocab_size = setup.set_vocab_size(model_cfg, tokenizer)
+    train_ds, val_ds, collate = build_sft_datasets(cfg, model_cfg, tokenizer)
+    train_loader, val_loader = token_loaders(cfg, model_cfg, train_ds, val_ds, collate)
     model = setup.build_model(cfg, model_cfg, vocab_size)
     trainer = SupervisedTrainer(
         cfg, model, None, None, train_loader, val_loader,

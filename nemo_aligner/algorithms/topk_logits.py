@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from nemo_aligner.data.datasets import completed_jsonl_lines
 from nemo_aligner.data.distillation import meta_path
 from nemo_aligner.data.tokenizers import tokenizer_fingerprint
 
@@ -45,18 +46,6 @@ def vocab_parallel_topk(logits: torch.Tensor, k: int):
     if tp > 1:
         dist.all_reduce(sum_exp, group=parallel_state.get_tensor_model_parallel_group())
     return values, ids, peak + sum_exp.log()
-
-
-def _done_indices(path: Path) -> set:
-    """Indices already in ``path``; a partial last line (a crash mid-write) is cut off."""
-    if not path.exists():
-        return set()
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    return {json.loads(line)["index"] for line in data[:end].splitlines() if line.strip()}
 
 
 def _write_meta(path: Path, k: int, tokenizer, teacher: str) -> None:
@@ -90,7 +79,7 @@ def write_topk_logits(model, dataset, collate, out_path, k: int, tokenizer, teac
     if is_global_rank_zero():
         out_path.parent.mkdir(parents=True, exist_ok=True)
         _write_meta(out_path, k, tokenizer, teacher)
-        done = _done_indices(out_path)
+        done = {row["index"] for row in completed_jsonl_lines(out_path)}
     done = broadcast_object(done)
     todo = [i for i in range(int(start), end) if i not in done]
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()

@@ -22,6 +22,22 @@ TRUNCATION_POLICIES = ("error", "truncate", "drop")
 _SFT_FIELDS_HINT = "SFT lines need 'input' and 'output', or 'conversations'"
 
 
+def completed_jsonl_lines(path) -> list[dict]:
+    """The complete lines of an append-only JSONL output that a crash may have torn (a run
+    resuming ``path``): a partial last line is cut off the file first; missing file: ``[]``."""
+    import os
+
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+
+
 def read_jsonl(path: str) -> list[tuple[int, dict]]:
     """``[(line_no, object), ...]`` for every non-blank line of ``path`` (line numbers 1-based).
 

@@ -14,7 +14,6 @@ Each prediction is clipped to [0, 4] and rounded (Python's ``round``: halves to 
 
 import json
 import os
-from pathlib import Path
 
 from nemo_aligner.data.errors import DataError
 
@@ -93,17 +92,9 @@ def annotate_file(input_path, output_path, score, attributes=ATTRIBUTES, progres
     interrupted run resumes; a partial last line is dropped first. Returns how many were written."""
     from tqdm import tqdm
 
-    from nemo_aligner.data.datasets import read_jsonl
+    from nemo_aligner.data.datasets import completed_jsonl_lines, read_jsonl
 
-    output_path = Path(output_path)
-    done = set()
-    if output_path.exists():
-        data = output_path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            with open(output_path, "r+b") as f:
-                f.truncate(end)
-        done = {conversation_key(json.loads(line)) for line in data[:end].splitlines() if line.strip()}
+    done = {conversation_key(row) for row in completed_jsonl_lines(output_path)}
     written = 0
     rows = read_jsonl(input_path)
     with open(output_path, "a", encoding="utf-8") as out:

@@ -115,7 +115,7 @@ class PipelineGatherCopier:
     def __init__(self, target):
         self.target = target
         self._source = lambda: None  # weak reference to the model the plan was made for
-        self._plan: list[tuple[torch.Tensor, torch.Tensor | None, int]] = []
+        self._plan: list[tuple[torch.Tensor, str | None, int]] = []  # (engine tensor, name held here, owner rank)
         self.group = parallel_state.get_pipeline_model_parallel_group()
 
     def _pair(self, source) -> None:
@@ -139,15 +139,17 @@ class PipelineGatherCopier:
                     f"{tuple(dst.shape)} in the engine; build the engine at the training "
                     "tensor_model_parallel_size"
                 )
-            plan.append((dst, mine[name] if owner == stage else None, ranks[owner]))
+            plan.append((dst, name if owner == stage else None, ranks[owner]))
         self._plan = plan
         self._source = weakref.ref(source)
 
     @torch.no_grad()
     def copy_from(self, source) -> None:
-        if self._source() is not source or (has_lora(source) and not is_merged(source)):
-            self._pair(source)  # (LoRA: the merged weights are new tensors at every refit)
-        for dst, src, owner in self._plan:
-            if src is not None:
-                dst.copy_(src)
+        if self._source() is not source:
+            self._pair(source)
+        # This stage's tensors by name (LoRA: the merged weights, new tensors at every refit).
+        mine = _global_names(source)
+        for dst, name, owner in self._plan:
+            if name is not None:
+                dst.copy_(mine[name])
             dist.broadcast(dst, src=owner, group=self.group)

@@ -45,6 +45,7 @@ GROUPS = {
     "mlp": ("mlp_fc1", "mlp_fc2"),
     "all": tuple(TARGETS),
 }
+_PARENTS = {linear: parent for parent, linear, _ in TARGETS.values()}  # linear_qkv -> self_attention, ...
 INIT_METHODS = ("xavier", "normal", "kaiming", "zero")
 ADAPTER_KEY = ".lora."  # in every adapter parameter's name, and nowhere else
 
@@ -316,8 +317,7 @@ def adapted_linears(model):
         if lora is None:
             continue
         for name, adapter in lora.named_children():
-            parent = layer.self_attention if name in ("linear_qkv", "linear_proj") else layer.mlp
-            pairs.append((getattr(parent, name), adapter))
+            pairs.append((getattr(getattr(layer, _PARENTS[name]), name), adapter))
     return pairs
 
 
@@ -327,7 +327,7 @@ def merge_lora(model) -> None:
     the adapters off for good: the model computes the same function with plain weights (for the
     final model, an export, or an engine copy). Collective-free: each rank merges its shards."""
     for base, adapter in adapted_linears(model):
-        if not adapter.enabled and getattr(adapter, "merged", False):
+        if getattr(adapter, "merged", False):
             continue
         base.weight.add_(adapter.delta().to(base.weight.dtype))
         adapter.enabled = False

@@ -99,3 +99,15 @@ def test_lora_sft_learns_resumes_and_exports_merged(tmp_path, dist_world_of_one)
     last = full_logits(model_from_checkpoint(straight / "checkpoints" / "step=0000030"), tokens)
     torch.testing.assert_close(last, full_logits(model_from_checkpoint(straight / "final_model"), tokens),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_lora_grpo_at_pp2_refits_the_folded_engine_with_merged_weights(tiny_policy, tmp_path):
+    """Under PP the engine holds every layer, gathered from the stages at each refit; with LoRA
+    the stages send merged weights."""
+    run(GRPO_SCRIPT, rl_args("grpo", tiny_policy, tmp_path, *LORA, "trainer.grpo.max_steps=2",
+                             "trainer.grpo.val_check_interval=0", "model.optim.lr=1e-2",
+                             "model.pipeline_model_parallel_size=2"), nproc=2)
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["train_rollouts/init_policy_kl"] > 1e-6
+    for m in metrics:
+        assert m["train_rollouts/token_mult_prob_error"] == pytest.approx(1.0, abs=1e-4)
