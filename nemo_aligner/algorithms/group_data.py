@@ -119,6 +119,16 @@ def padding_free(cfg) -> bool:
     return bool(cfg_get(cfg, "model.data.padding_free", True)) and not packing.get("enabled", False)
 
 
+def micro_batch_collation(cfg, pad_id: int):
+    """``(collate, row_length)`` for micro-batches of groups: padding-free (one row per
+    micro-batch, prompts shared) by default, else one row per sequence; ``row_length(groups)``
+    is None in the second case (the longest group's sequence is the width)."""
+    if padding_free(cfg):
+        share = share_prompt(cfg)
+        return partial(micro_batch_collate, pad_id=pad_id, share_prefix=share), partial(merged_length, share_prefix=share)
+    return partial(group_collate, pad_id=pad_id), None
+
+
 def group_loaders(cfg, model_cfg, train_ds, val_ds, pad_id: int):
     """Step loaders over group datasets (packed or not), and their collate function."""
     dp_rank, dp_size = setup.data_parallel_info()
@@ -126,13 +136,7 @@ def group_loaders(cfg, model_cfg, train_ds, val_ds, pad_id: int):
     gbs, mbs = int(model_cfg["global_batch_size"]), int(model_cfg["micro_batch_size"])
     seed = int(cfg_get(cfg, "seed", 1234))
     multiple = 8 * int(model_cfg.get("tensor_model_parallel_size", 1))
-    row_length = None
-    if padding_free(cfg):
-        share = share_prompt(cfg)
-        collate = partial(micro_batch_collate, pad_id=pad_id, share_prefix=share)
-        row_length = partial(merged_length, share_prefix=share)
-    else:
-        collate = partial(group_collate, pad_id=pad_id)
+    collate, row_length = micro_batch_collation(cfg, pad_id)
 
     def loader(ds, shuffle, drop_last):
         sampler = MegatronBatchSampler(

@@ -140,6 +140,40 @@ class ReferenceWeights:
         finally:
             self._exchange()
 
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Keep the live weights as the new reference (SPIN's end of an iteration)."""
+        for param, stored in zip(self.params, self.cpu):
+            stored.copy_(param.detach())
+
+    def sharded_state_dict(self, model_chunks, prefix: str = "reference_policy.") -> dict:
+        """The stored weights as the model's sharded state (checkpoint keys under ``prefix``),
+        for ``save_checkpoint(extra=...)``. Built with them swapped in, from copies, so the live
+        weights stay the policy's; a LoRA model's filter applies (only its adapters change)."""
+        from dataclasses import replace
+
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+        from nemo_aligner.checkpoint.distributed import _model_sharded_state_dict
+
+        with self.swapped():
+            sharded = _model_sharded_state_dict(model_chunks)
+            return {name: replace(value, key=prefix + value.key, data=value.data.detach().clone())
+                    for name, value in sharded.items() if isinstance(value, (ShardedTensor, ShardedTensorFactory))}
+
+    def load(self, path, model_chunks, name: str = "reference_policy", prefix: str = "reference_policy.") -> None:
+        """Set the stored weights from checkpoint ``path`` (what :meth:`sharded_state_dict` wrote)."""
+        from nemo_aligner.checkpoint.distributed import CheckpointError, _unwrap, load_extra
+
+        state = load_extra(path, name, self.sharded_state_dict(model_chunks, prefix))
+        module = _unwrap(model_chunks[0] if isinstance(model_chunks, list) else model_chunks)
+        with self.swapped():  # loads into the live tensors, which the exit swaps back into the store
+            result = module.load_state_dict(state, strict=False)
+        keep = getattr(module, "checkpoint_key_filter", lambda key: True)
+        missing = [k for k in result.missing_keys if keep(k) and not k.endswith("_extra_state")]
+        if missing:
+            raise CheckpointError(f"{path}: its {name} lacks {len(missing)} tensors of this model (first: {missing[0]})")
+
 
 class AdapterReference:
     """The reference of a LoRA model: the same weights with the adapters switched off (no copy).
@@ -163,7 +197,13 @@ def attach_reference_logps(reference: ReferenceWeights, model_chunks, micro_batc
     """Swap mode: set ``batch["ref_logps"]`` on every micro-batch (on the last pipeline stage,
     the only one computing losses) from a no-grad forward with the reference weights."""
     with reference.swapped():
-        sums = forward_only_collect(model_chunks, micro_batches, _reference_sums)
+        attach_logps(model_chunks, micro_batches)
+
+
+def attach_logps(model_chunks, micro_batches: list[dict]) -> None:
+    """Set ``batch["ref_logps"]`` (the per-sequence log-prob sums of the current weights) on
+    every micro-batch, on the last pipeline stage."""
+    sums = forward_only_collect(model_chunks, micro_batches, _reference_sums)
     if sums is not None:
         for batch, values in zip(micro_batches, sums):
             batch["ref_logps"] = values

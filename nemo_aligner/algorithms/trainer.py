@@ -257,6 +257,11 @@ class BaseTrainer:
             "metrics": dict(self.best_metrics),
         }
 
+    def extra_checkpoint_state(self) -> dict | None:
+        """Sharded state a training checkpoint stores beside the model's (``{name: sharded
+        dict}``), restored by the subclass's :meth:`restore`; None: nothing."""
+        return None
+
     def restore(self, path) -> None:
         """Resume from a training checkpoint: weights, optimizer, RNG, schedule position, data
         position. The learning-rate schedule is the config's (``model.optim``): a changed
@@ -282,7 +287,8 @@ class BaseTrainer:
             return
         with self.timers.time("checkpoint"):
             path = self.checkpoint_manager.save(
-                self.model, self.model_cfg_to_save, self.optimizer, self.state_dict(), self.tokenizer_dir
+                self.model, self.model_cfg_to_save, self.optimizer, self.state_dict(), self.tokenizer_dir,
+                extra=self.extra_checkpoint_state(),
             )
         self.log.info(f"saved checkpoint {path}")
 

@@ -167,8 +167,12 @@ def save_checkpoint(
     trainer_state: dict | None = None,
     tokenizer_dir=None,
     overwrite: bool = False,
+    extra: dict | None = None,
 ) -> Path:
     """Write a checkpoint atomically (collective: every rank must call it).
+
+    ``extra``: more sharded state to store beside the model's, ``{name: sharded dict}`` (e.g.
+    SPIN's reference weights, see :func:`load_extra`).
 
     Refused before anything is written: weights that are not finite, and a ``path`` that is
     a file or a non-empty directory other than one of our checkpoints (unless ``overwrite``).
@@ -188,7 +192,7 @@ def save_checkpoint(
         raise CheckpointError(refusal)
     tmp = path.with_name(f"{path.name}.tmp-{broadcast_object(os.getpid())}")
     try:
-        _write_checkpoint(tmp, path, model_chunks, model_cfg, optimizer, trainer_state, tokenizer_dir)
+        _write_checkpoint(tmp, path, model_chunks, model_cfg, optimizer, trainer_state, tokenizer_dir, extra)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 -- OSError, a worker's error, torch's (a BaseException)
         if is_global_rank_zero():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -201,7 +205,7 @@ def save_checkpoint(
     return path
 
 
-def _write_checkpoint(tmp, path, model_chunks, model_cfg, optimizer, trainer_state, tokenizer_dir) -> None:
+def _write_checkpoint(tmp, path, model_chunks, model_cfg, optimizer, trainer_state, tokenizer_dir, extra=None) -> None:
     if is_global_rank_zero():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -213,6 +217,10 @@ def _write_checkpoint(tmp, path, model_chunks, model_cfg, optimizer, trainer_sta
                 sharded["model"], is_loading=False, metadata=OPTIM_SHARDING
             )
         sharded["rng_state"] = _rng_sharded_object()
+    for name, part in (extra or {}).items():
+        if name in sharded:
+            raise ValueError(f"extra checkpoint state may not be named {name!r}")
+        sharded[name] = part
     _in_process_write_results()
     with cuda_on_cpu():
         dist_checkpointing.save(sharded, str(tmp))
@@ -328,6 +336,21 @@ def load_checkpoint(path, model_chunks, optimizer=None, strict=True) -> dict:
         if same_layout:
             _restore_rng(state["rng_state"])
     return trainer_state
+
+
+def load_extra(path, name: str, sharded: dict) -> dict:
+    """The ``name`` entry a run stored with ``save_checkpoint(extra={name: ...})``, loaded into
+    the shape of ``sharded`` (at any TP/PP layout); ``CheckpointError`` when it is absent."""
+    from megatron.core.dist_checkpointing import load_tensors_metadata
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    with cuda_on_cpu(), load_errors(path):
+        stored = load_tensors_metadata(str(path))
+        wanted = [t.key for t in sharded.values() if isinstance(t, ShardedTensor)]
+        if wanted and wanted[0] not in stored:
+            raise CheckpointError(f"{path} holds no {name} (it was not written by a run that keeps one); "
+                                  "resume from a checkpoint of the same kind of run")
+        return dist_checkpointing.load({name: sharded}, str(path), strict="assume_ok_unexpected")[name]
 
 
 @contextlib.contextmanager
@@ -460,11 +483,11 @@ class CheckpointManager:
                 removed.append(p)
         return removed
 
-    def save(self, model_chunks, model_cfg, optimizer, trainer_state: dict, tokenizer_dir=None) -> Path:
+    def save(self, model_chunks, model_cfg, optimizer, trainer_state: dict, tokenizer_dir=None, extra=None) -> Path:
         metric = (trainer_state.get("metrics") or {}).get(self.monitor) if self.monitor else None
         name = checkpoint_name(trainer_state["step"], self.monitor, metric)
         path = save_checkpoint(
-            self.directory / name, model_chunks, model_cfg, optimizer, trainer_state, tokenizer_dir
+            self.directory / name, model_chunks, model_cfg, optimizer, trainer_state, tokenizer_dir, extra=extra
         )
         if is_global_rank_zero():
             self._prune(keep=path)

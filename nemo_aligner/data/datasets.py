@@ -232,6 +232,10 @@ class SFTDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._ids)
 
+    def sequence(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample ``i`` unshifted: its ``ids`` and ``mask`` (length ``n``)."""
+        return self._ids[i], self._masks[i]
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids, mask = self._ids[i], self._masks[i]
         return {

@@ -1,0 +1,21 @@
+"""SPIN (self-play fine-tuning; see conf/gpt_spin.yaml and docs/spin.md).
+
+    python examples/nlp/gpt/train_gpt_spin.py pretrained_checkpoint.restore_from_path=SFT_MODEL [hydra overrides]
+    torchrun --nproc-per-node 8 examples/nlp/gpt/train_gpt_spin.py \
+        model.tensor_model_parallel_size=2 model.pipeline_model_parallel_size=2
+"""
+
+import hydra
+
+from nemo_aligner.utils.entry import run_training
+
+
+@hydra.main(config_path="../../../conf", config_name="gpt_spin", version_base="1.3")
+def main(cfg) -> None:
+    from nemo_aligner.algorithms.spin import build_spin_trainer
+
+    run_training(cfg, build_spin_trainer)
+
+
+if __name__ == "__main__":  # dist_checkpointing's writer processes re-import this file
+    main()
