@@ -41,6 +41,7 @@ def build_sft_datasets(cfg, model_cfg, tokenizer):
 
     from nemo_aligner.data.datasets import DEFAULT_PROMPT_TEMPLATE, SFTDataset, data_prefix, sft_collate
     from nemo_aligner.data.packing import PackedDataset
+    from nemo_aligner.data.steerlm_template import chat_prompt_tokens
 
     data = cfg_get(cfg, "model.data")
     max_len = int(data.get("max_seq_length") or model_cfg["encoder_seq_length"])
@@ -50,6 +51,9 @@ def build_sft_datasets(cfg, model_cfg, tokenizer):
             f"(max_position_embeddings={model_cfg.get('max_position_embeddings')}); lower it"
         )
 
+    special = data.get("chat_prompt_tokens")
+    special = chat_prompt_tokens(special) if special is not None else None
+
     def make(path):
         return SFTDataset(
             path, tokenizer, max_len,
@@ -57,6 +61,7 @@ def build_sft_datasets(cfg, model_cfg, tokenizer):
             truncation=data.get("truncation", "error"),
             add_bos=bool(data.get("add_bos", False)),
             add_eos=bool(data.get("add_eos", True)),
+            chat_prompt_tokens=special,
         )
 
     prefix = data_prefix(cfg)

@@ -23,6 +23,8 @@ from jinja2.exceptions import TemplateError
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from nemo_aligner.data.templates import append_segment
+
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
@@ -99,20 +101,11 @@ class ChatTemplate:
                     "before it, so assistant text cannot be located; use a template without "
                     "history rewriting, or give the data as {'input', 'output'}"
                 )
-            _append(out, prompt[len(done):], False)
-            _append(out, full[len(prompt):], True)
+            append_segment(out, prompt[len(done):], False)
+            append_segment(out, full[len(prompt):], True)
             done = full
-        _append(out, self.render(messages)[len(done):], False)
+        append_segment(out, self.render(messages)[len(done):], False)
         return out
-
-
-def _append(segments, text, is_response):
-    if not text:
-        return
-    if segments and segments[-1][1] == is_response:
-        segments[-1] = (segments[-1][0] + text, is_response)
-    else:
-        segments.append((text, is_response))
 
 
 def load_chat_template(tokenizer_dir) -> "ChatTemplate | None":

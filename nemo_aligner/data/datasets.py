@@ -140,10 +140,23 @@ def is_chat_sample(sample: dict) -> bool:
     return "conversations" in sample or "messages" in sample
 
 
-def sft_segments(sample: dict, prompt_template: str, chat_template=None) -> list[tuple[str, bool]]:
-    """``[(text, is_loss), ...]`` of one SFT line: chat if it has ``conversations`` (or
+def uses_nemo_template(sample: dict, chat_prompt_tokens=None) -> bool:
+    """Whether a line renders with NeMo's special-token template: a conversation when
+    ``model.data.chat_prompt_tokens`` is set, or one in SteerLM's format."""
+    from nemo_aligner.data.steerlm_template import is_steerlm_sample
+
+    return is_chat_sample(sample) and (chat_prompt_tokens is not None or is_steerlm_sample(sample))
+
+
+def sft_segments(sample: dict, prompt_template: str, chat_template=None, chat_prompt_tokens=None) -> list[tuple[str, bool]]:
+    """``[(text, is_loss), ...]`` of one SFT line: NeMo's special-token template (with SteerLM
+    labels) where :func:`uses_nemo_template`, else chat if it has ``conversations`` (or
     ``messages``, rendered with ``chat_template`` when given), else
     ``[(prompt, False), (output, True)]``. Raises ``ValueError``."""
+    if uses_nemo_template(sample, chat_prompt_tokens):
+        from nemo_aligner.data.steerlm_template import render_segments
+
+        return render_segments(sample, chat_prompt_tokens)
     if is_chat_sample(sample):
         return render_chat_segments(sample, chat_template)
     for field in ("input", "output"):
@@ -181,6 +194,7 @@ class SFTDataset(torch.utils.data.Dataset):
         truncation: str = "error",
         add_bos: bool = False,
         add_eos: bool = True,
+        chat_prompt_tokens: dict | None = None,
     ):
         check_tokenization_options(tokenizer, truncation, add_bos, add_eos)
         check_prompt_template(prompt_template)
@@ -194,7 +208,7 @@ class SFTDataset(torch.utils.data.Dataset):
         self._masks: list[torch.Tensor] = []
         for where, sample in read_data_files(self.files):
             try:
-                segments = sft_segments(sample, prompt_template, tokenizer.chat_template)
+                segments = sft_segments(sample, prompt_template, tokenizer.chat_template, chat_prompt_tokens)
             except ValueError as e:
                 raise DataError(f"{where}: {e}") from None
             ids = [tokenizer.bos_id] if add_bos else []
@@ -203,8 +217,11 @@ class SFTDataset(torch.utils.data.Dataset):
                 piece = tokenizer.text_to_ids(text)
                 ids += piece
                 mask += [int(is_loss)] * len(piece)
-            # A Hugging Face chat template closes each turn itself; EOS would be one too many.
-            if add_eos and not (tokenizer.chat_template is not None and is_chat_sample(sample)):
+            # A Hugging Face chat template closes each turn itself, and NeMo's template ends a reply
+            # with a learned turn-start token: EOS would be one too many.
+            closed = is_chat_sample(sample) and (tokenizer.chat_template is not None
+                                                 or uses_nemo_template(sample, chat_prompt_tokens))
+            if add_eos and not closed:
                 ids.append(tokenizer.eos_id)
                 mask.append(int(segments[-1][1]))
             if not any(mask[1:]):

@@ -42,6 +42,18 @@ def format_label(values, attributes=ATTRIBUTES) -> str:
     return ",".join(f"{a}:{v}" for a, v in zip(attributes, values))
 
 
+def label_from_attributes(values: dict, attributes=ATTRIBUTES, where: str = "steerlm.attributes") -> str:
+    """``"a1:v1,a2:v2"`` for ``{a2: v2, a1: v1}``, in the attributes' order (the order labels are
+    written in training data); an unknown name or a value that is not a whole number raises
+    ``ValueError`` naming ``where``."""
+    for name, value in values.items():
+        if name not in attributes:
+            raise ValueError(f"{where}.{name}: unknown attribute; the attributes are {', '.join(attributes)}")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}.{name}={value!r}; it must be a whole number (e.g. 0-4)")
+    return ",".join(f"{a}:{values[a]}" for a in attributes if a in values)
+
+
 def parse_label(text: str, attributes=ATTRIBUTES, where: str = "label") -> dict[str, int]:
     """``{attribute: value}`` from ``"quality:4,verbosity:1"`` (any subset, any order); a
     malformed entry or an unknown attribute raises :class:`DataError` naming ``where``."""
@@ -85,11 +97,14 @@ def conversation_key(conversation: dict) -> str:
     return "".join(turn["value"] for turn in conversation["conversations"])
 
 
-def annotate_file(input_path, output_path, score, attributes=ATTRIBUTES, progress: bool = True) -> int:
+def annotate_file(input_path, output_path, score, attributes=ATTRIBUTES, progress: bool = True,
+                  texts_per_call: int = 64) -> int:
     """Label every labelled turn of ``input_path`` into ``output_path`` (appended, a line per
-    conversation, flushed and fsynced); ``score(texts) -> [[one value per attribute], ...]``.
-    Conversations already in ``output_path`` (by :func:`conversation_key`) are skipped, so an
-    interrupted run resumes; a partial last line is dropped first. Returns how many were written."""
+    conversation); ``score(texts) -> [[one value per attribute], ...]`` is called with the texts
+    of several conversations at once (about ``texts_per_call``), and their lines are written,
+    flushed and fsynced after each call. Conversations already in ``output_path`` (by
+    :func:`conversation_key`) are skipped, so an interrupted run resumes; a partial last line
+    is dropped first. Returns how many were written."""
     from tqdm import tqdm
 
     from nemo_aligner.data.datasets import completed_jsonl_lines, read_jsonl
@@ -97,19 +112,33 @@ def annotate_file(input_path, output_path, score, attributes=ATTRIBUTES, progres
     done = {conversation_key(row) for row in completed_jsonl_lines(output_path)}
     written = 0
     rows = read_jsonl(input_path)
-    with open(output_path, "a", encoding="utf-8") as out:
-        for line_no, row in tqdm(rows, desc="annotating", disable=not progress):
-            prompts = annotation_prompts(row, where=f"{input_path}:{line_no}")
-            if conversation_key(row) in done:
-                continue
-            predictions = score(prompts) if prompts else []
-            labelled = iter(predictions)
-            for turn in row["conversations"]:
-                if turn.get("label") is not None:
-                    turn["label"] = format_label(prediction_to_values(next(labelled)), attributes)
-            out.write(json.dumps(row) + "\n")
+    pending, texts = [], []
+    with open(output_path, "a", encoding="utf-8") as out, tqdm(total=len(rows), desc="annotating",
+                                                                 disable=not progress) as bar:
+        def flush():
+            nonlocal written
+            labelled = iter(score(texts) if texts else [])
+            for row in pending:
+                for turn in row["conversations"]:
+                    if turn.get("label") is not None:
+                        turn["label"] = format_label(prediction_to_values(next(labelled)), attributes)
+                out.write(json.dumps(row) + "\n")
             out.flush()
             os.fsync(out.fileno())
-            done.add(conversation_key(row))
-            written += 1
+            written += len(pending)
+            pending.clear()
+            texts.clear()
+
+        for line_no, row in rows:
+            prompts = annotation_prompts(row, where=f"{input_path}:{line_no}")
+            key = conversation_key(row)
+            bar.update(1)
+            if key in done:
+                continue
+            done.add(key)  # a repeated conversation is labelled once, as in NeMo-Aligner
+            pending.append(row)
+            texts.extend(prompts)
+            if len(texts) >= texts_per_call:
+                flush()
+        flush()
     return written

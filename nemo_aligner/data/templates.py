@@ -80,8 +80,8 @@ def render_chat_segments(sample: dict, chat_template=None) -> list[tuple[str, bo
     segments: list[tuple[str, bool]] = []
     for i, (role, text) in enumerate(parsed):
         header = (TURN_SEPARATOR if i else "") + ROLE_HEADER.format(role=role)
-        _append(segments, header, False)
-        _append(segments, text + END_OF_TURN, role == "assistant")
+        append_segment(segments, header, False)
+        append_segment(segments, text + END_OF_TURN, role == "assistant")
     return segments
 
 
@@ -111,8 +111,11 @@ def _parse_turn(turn, where: str) -> tuple[str, str]:
     return _ROLE_ALIASES[role.lower()], text
 
 
-def _append(segments: list[tuple[str, bool]], text: str, is_loss: bool) -> None:
-    """Append a segment, merging it into the previous one when ``is_loss`` matches."""
+def append_segment(segments: list[tuple[str, bool]], text: str, is_loss: bool) -> None:
+    """Append a segment (none for empty text), merging it into the previous one when ``is_loss``
+    matches, so adjacent segments alternate."""
+    if not text:
+        return
     if segments and segments[-1][1] == is_loss:
         segments[-1] = (segments[-1][0] + text, is_loss)
     else:

@@ -5,9 +5,15 @@ Each input line ``{"text": prompt, ...}`` gives one output line with the same fi
 was produced). Sample ``i`` (0-based line order) is drawn with seed ``sampling.seed + i``,
 so the output does not depend on ``batch_size`` or on the data-parallel size.
 
+With ``steerlm.attributes`` (or ``steerlm.label``) each ``text`` is a user message and the
+prompt asks for a reply with those attributes (NeMo's template, see
+:mod:`nemo_aligner.data.steerlm_template`); the reply stops at the next turn-start token.
+
 Every check on the input happens before anything is written; the output file is written
 to a temporary name next to it and renamed into place at the end.
 """
+
+from dataclasses import replace
 
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -29,7 +35,45 @@ def sampling_params(cfg) -> SamplingParams:
     return SamplingParams(**{k: sampling[k] for k in SAMPLING_KEYS if sampling.get(k) is not None})
 
 
-def read_prompts(path, tokenizer, add_bos: bool) -> tuple[list[tuple[int, dict]], list[list[int]]]:
+def steerlm_settings(cfg) -> dict | None:
+    """``steerlm.*``: the label (from ``attributes`` or ``label``), system turn and template
+    tokens of attribute-conditioned prompts; None when neither is set."""
+    from nemo_aligner.data.steerlm import label_from_attributes, parse_label
+    from nemo_aligner.data.steerlm_template import chat_prompt_tokens
+
+    s = cfg_get(cfg, "steerlm", None) or {}
+    attributes, label = s.get("attributes"), s.get("label")
+    if attributes is None and label is None:
+        return None
+    if attributes is not None and label is not None:
+        raise ValueError("set steerlm.attributes or steerlm.label, not both")
+    if attributes is not None:
+        if not hasattr(attributes, "items"):
+            raise ValueError(f"steerlm.attributes={attributes!r}; give a mapping, e.g. steerlm.attributes={{helpfulness: 4, verbosity: 1}}")
+        label = label_from_attributes(dict(attributes))
+    parse_label(label, where="steerlm.label")
+    system = s.get("system") or ""
+    return {"label": label, "system": str(system), "tokens": chat_prompt_tokens(s.get("chat_prompt_tokens"))}
+
+
+def prompt_text(obj: dict, where: str, steerlm: dict | None) -> str:
+    """A line's prompt: its ``text``, or with ``steerlm`` set the attribute-conditioned prompt for
+    the user message ``text`` (the line's own ``label`` / ``system`` win over the config's)."""
+    from nemo_aligner.data.steerlm import parse_label
+    from nemo_aligner.data.steerlm_template import conditioned_prompt
+
+    text = obj.get("text")
+    if not isinstance(text, str):
+        what = "missing field 'text'" if text is None else f"field 'text' must be a string, got {type(text).__name__}"
+        raise DataError(f"{where}: {what}; each line needs {{\"text\": prompt}}")
+    if steerlm is None:
+        return text
+    label = obj.get("label", steerlm["label"])
+    parse_label(label, where=f"{where}: field 'label'")
+    return conditioned_prompt(text, label, obj.get("system", steerlm["system"]), steerlm["tokens"])
+
+
+def read_prompts(path, tokenizer, add_bos: bool, steerlm: dict | None = None) -> tuple[list[tuple[int, dict]], list[list[int]]]:
     """The input lines and their prompts as token ids; :class:`DataError` on a bad line."""
     try:
         lines = read_jsonl(path)
@@ -39,10 +83,7 @@ def read_prompts(path, tokenizer, add_bos: bool) -> tuple[list[tuple[int, dict]]
         ) from None
     prompts = []
     for line_no, obj in lines:
-        text = obj.get("text")
-        if not isinstance(text, str):
-            what = "missing field 'text'" if text is None else f"field 'text' must be a string, got {type(text).__name__}"
-            raise DataError(f"{path}:{line_no}: {what}; each line needs {{\"text\": prompt}}")
+        text = prompt_text(obj, f"{path}:{line_no}", steerlm)
         ids = ([tokenizer.bos_id] if add_bos else []) + tokenizer.text_to_ids(text)
         if not ids:
             raise DataError(f"{path}:{line_no}: empty prompt; give some text (or set add_bos=true)")
@@ -119,9 +160,13 @@ def generate_jsonl(cfg) -> int:
             "and more processes for data parallelism)"
         )
     params = sampling_params(cfg)
+    steerlm = steerlm_settings(cfg)
+    if steerlm is not None and steerlm["tokens"]["turn_start"] not in params.stop_strings:
+        # A reply ends where the next turn would start (NeMo-Aligner's end string).
+        params = replace(params, stop_strings=(*params.stop_strings, steerlm["tokens"]["turn_start"]))
     init_distributed(cfg)  # as the trainers do, with freed host memory kept for reuse on CPU
     tokenizer, _ = build_tokenizer(cfg)
-    lines, prompts = read_prompts(input_file, tokenizer, bool(cfg_get(cfg, "add_bos", False)))
+    lines, prompts = read_prompts(input_file, tokenizer, bool(cfg_get(cfg, "add_bos", False)), steerlm)
     model, model_cfg = load_model(cfg)
     engine = build_engine(cfg, model, model_cfg, tokenizer)
     check_prompt_lengths(input_file, lines, prompts, int(model.max_sequence_length), params)

@@ -76,8 +76,8 @@ def test_annotation_labels_each_turn_and_resumes(tmp_path):
 
     out = tmp_path / "out.jsonl"
     out.write_text(json.dumps(rows[0]) + "\n" + '{"conversations": [{"from": "U')  # one done, then a torn line
-    assert annotate_file(source, out, score, progress=False) == 2
-    assert calls == [2, 2]  # conversation 0 was skipped; two labelled turns each
+    assert annotate_file(source, out, score, progress=False, texts_per_call=2) == 2
+    assert calls == [2, 2]  # conversation 0 was skipped; two labelled turns each, a call per 2 texts
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(written) == 3
     turns = written[1]["conversations"]
@@ -86,6 +86,9 @@ def test_annotation_labels_each_turn_and_resumes(tmp_path):
                                  "coherence:4,complexity:4,verbosity:1")
     assert turns[3]["label"].startswith("quality:1,")
     assert annotate_file(source, out, score, progress=False) == 0  # everything done: nothing rescored
+    assert calls == [2, 2]
+    out.unlink()
+    assert annotate_file(source, out, score, progress=False) == 3 and calls[2:] == [6]  # one call for all
 
 
 @pytest.mark.slow

@@ -45,8 +45,11 @@ def main(argv=None):
         tokenizer = load_tokenizer(str(source / "tokenizer" if (source / "tokenizer").is_dir() else source))
         max_len = int(model_cfg.get("encoder_seq_length") or model_cfg["max_position_embeddings"])
 
+        # Score each text as the reward model read its training texts: with EOS when it was trained with one.
+        eos = [tokenizer.eos_id] if bool((model_cfg.get("data") or {}).get("add_eos", True)) else []
+
         def score(texts):
-            ids = [tokenizer.text_to_ids(t) for t in texts]
+            ids = [tokenizer.text_to_ids(t) + eos for t in texts]
             longest = max(len(i) for i in ids)
             if longest > max_len:
                 raise ValueError(f"a conversation of {longest} tokens exceeds the reward model's {max_len}")
