@@ -163,36 +163,40 @@ def sequence_requests(sequences: list[list[int]], max_batch_size: int, pad_to_le
 
 
 class _Gathered:
-    """Futures of several requests, concatenated at ``result()``."""
+    """Futures of several requests, concatenated at ``result()``: one value per sequence (the
+    first output), or with ``all_outputs`` a list of every output per sequence."""
 
-    def __init__(self, futures, key: str, timeout: float):
-        self.futures, self.key, self.timeout = futures, key, timeout
+    def __init__(self, futures, key: str, timeout: float, all_outputs: bool = False):
+        self.futures, self.key, self.timeout, self.all_outputs = futures, key, timeout, all_outputs
 
-    def result(self) -> list[float]:
+    def result(self) -> list:
         out = []
         for future in self.futures:
-            out.extend(np.asarray(future.result()[self.key]).reshape(-1).tolist())
+            values = np.asarray(future.result()[self.key])
+            values = values.reshape(values.shape[0], -1) if values.ndim else values.reshape(1, 1)
+            out.extend(values.tolist() if self.all_outputs else values[:, 0].tolist())
         return out
 
 
 class RewardClient(TritonClient):
     """The reward-model server's client (NeMo-Aligner's ``reward_model`` endpoint): inputs
     ``tokens`` int64 ``[B, L]``, ``sequence_lengths`` int64 ``[B, 1]``, ``sentences`` bytes
-    ``[B, 1]``; output ``rewards`` float32 ``[B, 1]``."""
+    ``[B, 1]``; output ``rewards`` float32 ``[B, k]`` (RL reads the first; SteerLM annotation
+    every attribute, ``all_outputs=True``)."""
 
     def __init__(self, host, port, endpoint="reward_model", **kwargs):
         kwargs.setdefault("what", "reward model server")
         super().__init__(host, port, endpoint, **kwargs)
 
     def submit_rewards(self, sequences: list[list[int]], sentences: list[bytes] | None = None, *,
-                       pad_to_length: int | None = None, pad_id: int = 0) -> _Gathered:
+                       pad_to_length: int | None = None, pad_id: int = 0, all_outputs: bool = False) -> _Gathered:
         futures = []
         for start, inputs in sequence_requests(sequences, self.max_batch_size, pad_to_length, pad_id):
             if sentences is not None:
                 inputs["sentences"] = np.array([[s] for s in sentences[start : start + len(inputs["tokens"])]],
                                                dtype=np.object_)
             futures.append(self.submit(inputs))
-        return _Gathered(futures, "rewards", self.inference_timeout_s)
+        return _Gathered(futures, "rewards", self.inference_timeout_s, all_outputs)
 
 
 

@@ -2,7 +2,8 @@
 
 NeMo-Aligner's endpoint and tensors: ``reward_model`` takes ``tokens`` int64 ``[-1]`` (a
 sequence, right-padded), ``sequence_lengths`` int64 ``[1]`` and optionally ``sentences``
-bytes ``[1]``, and answers ``rewards`` float32 ``[1]``, with dynamic batching. It serves:
+bytes ``[1]``, and answers ``rewards`` float32 ``[k]`` (``k`` = the reward model's outputs: 1,
+or one per attribute for a SteerLM regression model), with dynamic batching. It serves:
 
 - a reward model (``rm_model_file``: one of our reward-model checkpoints or a Hugging Face
   ``*ForSequenceClassification`` directory) at the server's own TP/PP/DP layout (data-parallel
@@ -36,7 +37,7 @@ def reward_tensors():
         Tensor(name="sequence_lengths", dtype=np.int64, shape=(1,)),
         Tensor(name="sentences", dtype=bytes, shape=(1,), optional=True),
     ]
-    return inputs, [Tensor(name="rewards", dtype=np.float32, shape=(1,))]
+    return inputs, [Tensor(name="rewards", dtype=np.float32, shape=(-1,))]
 
 
 def _sequences(inputs) -> list[list[int]]:
@@ -65,6 +66,7 @@ class RewardModelScorer:
 
         self.model = model
         self.reduction = reward_settings(model_cfg)["reduction"]
+        self.outputs = int(reward_settings(model_cfg)["num_attributes"])
         self.micro_batch_size = int(micro_batch_size)
         self.shift = shift
         self.pad_id = pad_id
@@ -80,16 +82,15 @@ class RewardModelScorer:
         sequences = _sequences(inputs)
         dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         mine = list(range(rank, len(sequences), dp))
-        scores = torch.zeros(len(sequences), dtype=torch.float64)
+        scores = torch.zeros(len(sequences), self.outputs, dtype=torch.float64)
         if mine:
-            raw = score_sequences([self.model], [sequences[i] for i in mine], self.pad_id, self.micro_batch_size,
-                                  self.reduction)[:, 0].double()
-            scores[mine] = raw
+            scores[mine] = score_sequences([self.model], [sequences[i] for i in mine], self.pad_id,
+                                           self.micro_batch_size, self.reduction).double()
         if dp > 1:
             dist.all_reduce(scores, group=parallel_state.get_data_parallel_group())
         if self.shift is not None:
             scores = (scores - float(self.shift[0].reshape(-1)[0])) / float(self.shift[1].reshape(-1)[0])
-        return {"rewards": scores.float().numpy().reshape(-1, 1)}
+        return {"rewards": scores.float().numpy()}
 
 
 class RuleScorer:

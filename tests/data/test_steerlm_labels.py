@@ -2,6 +2,7 @@
 label parsing errors, the texts scored for a hand-written conversation, and resume."""
 
 import json
+import sys
 
 import pytest
 
@@ -112,3 +113,18 @@ def test_annotation_script_with_a_regression_reward_model(tmp_path):
         values = parse_label(turn["label"], ("correctness", "verbosity"))
         assert list(values) == ["correctness", "verbosity"] and all(0 <= v <= 4 for v in values.values())
     assert turns[0]["label"] is None
+
+    # Through the reward-model server (every attribute per text): the same labels.
+    from helpers import SERVE_RM_SCRIPT, background, free_port, wait_for_port
+
+    port = free_port()
+    rm = tmp_path / "rm" / "final_model"
+    serve = [sys.executable, str(SERVE_RM_SCRIPT), f"rm_model_file={rm}", f"inference.port={port}",
+             "inference.exit_timeout_s=1"]
+    remote = ["--port", str(port), "--tokenizer", str(rm / "tokenizer"), "--input-file", str(source)]
+    with background(serve, tmp_path / "server.log") as server:
+        wait_for_port(port, server)
+        proc = run(script, [*remote, "--output-file", str(tmp_path / "nine_remote.jsonl")], check=False)
+        assert proc.returncode == 1 and "gives 2 outputs per text but 9 attributes are named" in proc.stderr
+        run(script, [*remote, "--output-file", str(tmp_path / "remote.jsonl"), "--attributes", "correctness,verbosity"])
+    assert (tmp_path / "remote.jsonl").read_text() == (tmp_path / "out.jsonl").read_text()
