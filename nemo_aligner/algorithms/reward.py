@@ -121,7 +121,7 @@ def build_rm_trainer(cfg) -> RewardModelTrainer:
     from nemo_aligner.utils import setup
 
     from nemo_aligner.checkpoint.distributed import read_model_config
-    from nemo_aligner.models.reward_model import is_reward_checkpoint
+    from nemo_aligner.models.reward_model import is_reward_checkpoint, reward_settings
 
     setup.init_distributed(cfg)
     model_cfg = setup.resolve_model_cfg(cfg)
@@ -137,7 +137,8 @@ def build_rm_trainer(cfg) -> RewardModelTrainer:
 
     def make(path):
         if settings.model_type == "regression":
-            return RegressionRewardDataset(path, tokenizer, opts["max_seq_length"], int(model_cfg.get("num_attributes", 1)), **common)
+            outputs = reward_settings(model_cfg)["num_attributes"]
+            return RegressionRewardDataset(path, tokenizer, opts["max_seq_length"], outputs, **common)
         return PreferenceDataset(path, tokenizer, opts["max_seq_length"], shift=False,
                                  require_margin=settings.loss_type != "bt", **common)
 

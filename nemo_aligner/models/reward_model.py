@@ -5,7 +5,8 @@ a checkpoint is recognized as a reward model and rebuilt for scoring):
 
 - ``reward_model_type``: ``binary_ranking`` (Bradley-Terry family, one output) or
   ``regression`` (one output per attribute, SteerLM style);
-- ``num_attributes``: outputs of the head (1 for ``binary_ranking``);
+- ``num_attributes``: outputs of the head (1 for ``binary_ranking``; unset: 1, or for
+  ``regression`` NeMo-Aligner's nine SteerLM attributes);
 - ``reward_reduction``: ``last`` (the last real token's value) or ``mean`` (over tokens);
 - ``reward_head_dtype``: ``null`` (the model's precision) or ``32``/``bf16``/``16``;
 - ``reward_standardization``: ``{enable, mean, std}``, applied at inference:
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
 from nemo_aligner.checkpoint.distributed import CheckpointError, is_checkpoint, load_checkpoint, read_model_config
+from nemo_aligner.data.steerlm import ATTRIBUTES as STEERLM_ATTRIBUTES
 from nemo_aligner.models.collect import forward_only_collect
 from nemo_aligner.models.gpt import PRECISIONS, build_gpt_model, params_dtype
 from nemo_aligner.models.heads import REDUCTIONS, GPTRewardModel, sequence_rewards
@@ -38,7 +40,9 @@ def reward_settings(model_cfg) -> dict:
     kind = str(cfg_get(model_cfg, "reward_model_type", "binary_ranking"))
     if kind not in REWARD_MODEL_TYPES:
         raise ValueError(f"model.reward_model_type={kind!r}; choose one of {REWARD_MODEL_TYPES}")
-    num = int(cfg_get(model_cfg, "num_attributes", 1))
+    num = cfg_get(model_cfg, "num_attributes", None)
+    # Unset: one output for ranking, NeMo-Aligner's nine SteerLM attributes for regression.
+    num = int(num) if num is not None else (len(STEERLM_ATTRIBUTES) if kind == "regression" else 1)
     if kind == "binary_ranking" and num != 1:
         raise ValueError(f"model.num_attributes={num} with binary_ranking; a ranking reward model has one output: set it to 1")
     if num < 1:

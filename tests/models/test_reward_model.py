@@ -84,6 +84,12 @@ def test_settings_are_validated():
         reward_settings({"reward_reduction": "max"})
 
 
+def test_outputs_default_to_one_or_the_nine_steerlm_attributes():
+    assert reward_settings({"num_attributes": None})["num_attributes"] == 1
+    assert reward_settings({"reward_model_type": "regression", "num_attributes": None})["num_attributes"] == 9
+    assert reward_settings({"reward_model_type": "regression", "num_attributes": 2})["num_attributes"] == 2
+
+
 def test_checkpoints_backbone_from_gpt_and_full_roundtrip(tmp_path, dist_world_of_one):
     gpt = build_gpt_model(TINY, 300, seed=4)
     save_checkpoint(tmp_path / "gpt", [gpt], dict(TINY))
