@@ -141,21 +141,25 @@ def is_chat_sample(sample: dict) -> bool:
 
 
 def uses_nemo_template(sample: dict, chat_prompt_tokens=None) -> bool:
-    """Whether a line renders with NeMo's special-token template: a conversation when
-    ``model.data.chat_prompt_tokens`` is set, or one in SteerLM's format."""
+    """Whether a line is rendered as SteerLM data: a conversation when
+    ``model.data.chat_prompt_tokens`` is set (NeMo's special-token template), or one in SteerLM's
+    format (NeMo's template, or the tokenizer's chat template where it has one and the tokens
+    are not set)."""
     from nemo_aligner.data.steerlm_template import is_steerlm_sample
 
     return is_chat_sample(sample) and (chat_prompt_tokens is not None or is_steerlm_sample(sample))
 
 
 def sft_segments(sample: dict, prompt_template: str, chat_template=None, chat_prompt_tokens=None) -> list[tuple[str, bool]]:
-    """``[(text, is_loss), ...]`` of one SFT line: NeMo's special-token template (with SteerLM
-    labels) where :func:`uses_nemo_template`, else chat if it has ``conversations`` (or
+    """``[(text, is_loss), ...]`` of one SFT line: SteerLM's rendering (with labels) where
+    :func:`uses_nemo_template`, else chat if it has ``conversations`` (or
     ``messages``, rendered with ``chat_template`` when given), else
     ``[(prompt, False), (output, True)]``. Raises ``ValueError``."""
     if uses_nemo_template(sample, chat_prompt_tokens):
-        from nemo_aligner.data.steerlm_template import render_segments
+        from nemo_aligner.data.steerlm_template import render_segments, render_with_chat_template
 
+        if chat_prompt_tokens is None and chat_template is not None:  # the tokenizer's template wins
+            return render_with_chat_template(sample, chat_template)
         return render_segments(sample, chat_prompt_tokens)
     if is_chat_sample(sample):
         return render_chat_segments(sample, chat_template)

@@ -18,6 +18,10 @@ TEXT_TO_VALUE). Other turns learn everything after their name line, except the l
 VALUE_TO_TEXT; for TEXT_TO_VALUE the label after the label-start token is learned and the
 response is context. When the last turn is not the mask role's, a final turn-start token is
 learned too (the end of the reply; no EOS is added).
+
+Where the tokenizer has a Hugging Face chat template and ``model.data.chat_prompt_tokens`` is
+not set, the conversation goes through that template instead, the label line inside the
+assistant message (:func:`render_with_chat_template`).
 """
 
 from nemo_aligner.data.steerlm import ATTRIBUTES, parse_label
@@ -53,10 +57,8 @@ def is_steerlm_sample(sample: dict) -> bool:
         isinstance(turns, list) and any(isinstance(t, dict) and "label" in t for t in turns))
 
 
-def render_segments(sample: dict, tokens: dict | None = None, attributes=ATTRIBUTES) -> list[tuple[str, bool]]:
-    """``[(text, is_loss), ...]`` of one line (see the module docstring). ``ValueError`` naming
-    the field for a bad ``type``, a malformed label or unknown attribute, or no reply to learn."""
-    t = tokens or DEFAULT_CHAT_PROMPT_TOKENS
+def _checked(sample: dict, attributes) -> tuple:
+    """``(type, turns, system, mask_role)`` of a valid line; ``ValueError`` naming the field."""
     kind = sample.get("type")
     if kind is not None and kind not in TYPES:
         raise ValueError(f"field 'type' is {kind!r}; use VALUE_TO_TEXT or TEXT_TO_VALUE")
@@ -78,6 +80,14 @@ def render_segments(sample: dict, tokens: dict | None = None, attributes=ATTRIBU
     if all(turn["from"] == mask_role for turn in turns):
         raise ValueError(f"field 'conversations' has no assistant turn (every turn is from the mask role {mask_role!r}), "
                          "so there is nothing to train on")
+    return kind, turns, system, mask_role
+
+
+def render_segments(sample: dict, tokens: dict | None = None, attributes=ATTRIBUTES) -> list[tuple[str, bool]]:
+    """``[(text, is_loss), ...]`` of one line (see the module docstring). ``ValueError`` naming
+    the field for a bad ``type``, a malformed label or unknown attribute, or no reply to learn."""
+    t = tokens or DEFAULT_CHAT_PROMPT_TOKENS
+    kind, turns, system, mask_role = _checked(sample, attributes)
 
     segments = [(f"{t['system_turn_start']}{SYSTEM_NAME}{t['end_of_name']}{system}{t['end_of_turn']}", False)]
     for i, turn in enumerate(turns):
@@ -111,10 +121,55 @@ def render_segments(sample: dict, tokens: dict | None = None, attributes=ATTRIBU
     return segments
 
 
-def conditioned_prompt(user_text: str, label: str, system: str = "", tokens: dict | None = None,
-                       user: str = "User", assistant: str = "Assistant") -> str:
-    """The prompt that asks for a reply with the attributes ``label`` (VALUE_TO_TEXT, one user turn)."""
+def render_with_chat_template(sample: dict, chat_template, tokens: dict | None = None,
+                              attributes=ATTRIBUTES) -> list[tuple[str, bool]]:
+    """``[(text, is_loss), ...]`` of one line through a tokenizer's Hugging Face chat template:
+    the ``mask`` role's turns are user messages, the others assistant messages (learned, as the
+    template marks them), the system turn a system message when not empty. The label line goes
+    inside the assistant message: before the reply for VALUE_TO_TEXT (``{label_start}{label}
+    {end_of_name}{value}``, not learned), after it for TEXT_TO_VALUE
+    (``{value}{end_of_turn}{label_start}{label}``, only the label and the template's end of turn
+    learned)."""
     t = tokens or DEFAULT_CHAT_PROMPT_TOKENS
+    kind, turns, system, mask_role = _checked(sample, attributes)
+    messages = [{"role": "system", "content": system}] if system else []
+    replies = []
+    for turn in turns:
+        label = turn.get("label") if kind is not None and isinstance(turn.get("label"), str) else None
+        if turn["from"] == mask_role:
+            messages.append({"role": "user", "content": turn["value"]})
+            continue
+        if label is None:
+            content, context = turn["value"], ""
+        elif kind == "VALUE_TO_TEXT":
+            context = f"{t['label_start']}{label}{t['end_of_name']}"
+            content = context + turn["value"]
+        else:
+            context = f"{turn['value']}{t['end_of_turn']}{t['label_start']}"
+            content = context + label
+        messages.append({"role": "assistant", "content": content})
+        replies.append(context)
+    out = []
+    pending = iter(replies)
+    for text, is_loss in chat_template.segments(messages):
+        context = next(pending, None) if is_loss else ""
+        if is_loss and context and not text.startswith(context):
+            raise ValueError("the tokenizer's chat template rewrites the SteerLM label line; set "
+                             "model.data.chat_prompt_tokens to use NeMo's template instead")
+        append_segment(out, context, False)
+        append_segment(out, text[len(context):], is_loss)
+    return out
+
+
+def conditioned_prompt(user_text: str, label: str, system: str = "", tokens: dict | None = None,
+                       user: str = "User", assistant: str = "Assistant", chat_template=None) -> str:
+    """The prompt that asks for a reply with the attributes ``label`` (VALUE_TO_TEXT, one user
+    turn), in NeMo's template or, given ``chat_template``, in the tokenizer's (see
+    :func:`render_with_chat_template`)."""
+    t = tokens or DEFAULT_CHAT_PROMPT_TOKENS
+    if chat_template is not None:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
+        return chat_template.render(messages, add_generation_prompt=True) + f"{t['label_start']}{label}{t['end_of_name']}"
     return (f"{t['system_turn_start']}{SYSTEM_NAME}{t['end_of_name']}{system}{t['end_of_turn']}"
             f"{t['turn_start']}{user}{t['end_of_name']}{user_text}{t['end_of_turn']}"
             f"{t['turn_start']}{assistant}{t['end_of_name']}{t['label_start']}{label}{t['end_of_name']}")

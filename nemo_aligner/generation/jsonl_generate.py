@@ -53,7 +53,8 @@ def steerlm_settings(cfg) -> dict | None:
         label = label_from_attributes(dict(attributes))
     parse_label(label, where="steerlm.label")
     system = s.get("system") or ""
-    return {"label": label, "system": str(system), "tokens": chat_prompt_tokens(s.get("chat_prompt_tokens"))}
+    return {"label": label, "system": str(system), "tokens": chat_prompt_tokens(s.get("chat_prompt_tokens")),
+            "nemo_template": s.get("chat_prompt_tokens") is not None, "chat_template": None}
 
 
 def prompt_text(obj: dict, where: str, steerlm: dict | None) -> str:
@@ -70,7 +71,8 @@ def prompt_text(obj: dict, where: str, steerlm: dict | None) -> str:
         return text
     label = obj.get("label", steerlm["label"])
     parse_label(label, where=f"{where}: field 'label'")
-    return conditioned_prompt(text, label, obj.get("system", steerlm["system"]), steerlm["tokens"])
+    return conditioned_prompt(text, label, obj.get("system", steerlm["system"]), steerlm["tokens"],
+                              chat_template=steerlm["chat_template"])
 
 
 def read_prompts(path, tokenizer, add_bos: bool, steerlm: dict | None = None) -> tuple[list[tuple[int, dict]], list[list[int]]]:
@@ -161,11 +163,14 @@ def generate_jsonl(cfg) -> int:
         )
     params = sampling_params(cfg)
     steerlm = steerlm_settings(cfg)
-    if steerlm is not None and steerlm["tokens"]["turn_start"] not in params.stop_strings:
-        # A reply ends where the next turn would start (NeMo-Aligner's end string).
-        params = replace(params, stop_strings=(*params.stop_strings, steerlm["tokens"]["turn_start"]))
     init_distributed(cfg)  # as the trainers do, with freed host memory kept for reuse on CPU
     tokenizer, _ = build_tokenizer(cfg)
+    if steerlm is not None:
+        # As training rendered it: the tokenizer's chat template unless NeMo's tokens are set.
+        steerlm["chat_template"] = None if steerlm["nemo_template"] else tokenizer.chat_template
+        if steerlm["chat_template"] is None and steerlm["tokens"]["turn_start"] not in params.stop_strings:
+            # A reply ends where the next turn would start (NeMo-Aligner's end string).
+            params = replace(params, stop_strings=(*params.stop_strings, steerlm["tokens"]["turn_start"]))
     lines, prompts = read_prompts(input_file, tokenizer, bool(cfg_get(cfg, "add_bos", False)), steerlm)
     model, model_cfg = load_model(cfg)
     engine = build_engine(cfg, model, model_cfg, tokenizer)

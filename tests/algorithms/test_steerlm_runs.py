@@ -31,6 +31,16 @@ def test_attributes_become_a_label_in_the_attribute_order():
     assert settings() is None and prompt_text({"text": "Hi"}, "f:1", None) == "Hi"
 
 
+def test_with_a_tokenizer_chat_template_the_prompt_is_the_templates():
+    from nemo_aligner.data.chat_template import ChatTemplate
+
+    chatml = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    s = dict(settings(label="verbosity:1"), chat_template=ChatTemplate(chatml))
+    assert prompt_text({"text": "Hi"}, "f:1", s) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<extra_id_2>verbosity:1\n")
+
+
 @pytest.mark.parametrize("steerlm,needle", [
     ({"attributes": {"wit": 3}}, "steerlm.attributes.wit: unknown attribute"),
     ({"attributes": {"verbosity": "high"}}, r"steerlm.attributes.verbosity='high'; it must be a whole number"),

@@ -107,3 +107,40 @@ def test_sft_dataset_masks_by_segment_and_adds_no_eos(tmp_path):
     text = tok.ids_to_text(ids.tolist())
     assert text.endswith("<extra_id_2>verbosity:0\nab\n<extra_id_1>")  # no EOS after the final turn start
     assert tok.ids_to_text(ids[mask.bool()].tolist()) == "ab\n<extra_id_1>"
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_tokenizers_chat_template_carries_the_label_lines(tmp_path):
+    from nemo_aligner.data.chat_template import ChatTemplate
+    from nemo_aligner.data.steerlm_template import render_with_chat_template
+
+    template = ChatTemplate(CHATML)
+    seg = render_with_chat_template({**CONV, "type": "VALUE_TO_TEXT"}, template)
+    assert "".join(t for t, _ in seg) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\n<extra_id_2>quality:4,verbosity:1\nHello<|im_end|>\n"
+        "<|im_start|>user\nMore<|im_end|>\n"
+        "<|im_start|>assistant\n<extra_id_2>quality:3,verbosity:2\nSure thing<|im_end|>\n")
+    assert learned(seg) == ["Hello<|im_end|>\n", "Sure thing<|im_end|>\n"]  # the label lines are context
+
+    seg = render_with_chat_template({**CONV, "type": "TEXT_TO_VALUE"}, template)
+    assert "<|im_start|>assistant\nHello\n<extra_id_2>quality:4,verbosity:1<|im_end|>\n" in "".join(t for t, _ in seg)
+    assert learned(seg) == ["quality:4,verbosity:1<|im_end|>\n", "quality:3,verbosity:2<|im_end|>\n"]
+
+    prompt = conditioned_prompt("Hi", "quality:4,verbosity:1", system="Be brief.", chat_template=template)
+    first = {**CONV, "type": "VALUE_TO_TEXT", "conversations": CONV["conversations"][:2]}
+    text = "".join(t for t, _ in render_with_chat_template(first, template))
+    assert text.startswith(prompt) and text[len(prompt):] == "Hello<|im_end|>\n"
+
+    # The SFT dataset takes the tokenizer's template unless NeMo's tokens are set.
+    path = tmp_path / "steerlm.jsonl"
+    path.write_text(json.dumps(first) + "\n")
+    tok = CharTokenizer()
+    tok.chat_template = template
+    ids, mask = SFTDataset(str(path), tok, 512).sequence(0)
+    assert tok.ids_to_text(ids.tolist()) == text and tok.ids_to_text(ids[mask.bool()].tolist()) == "Hello<|im_end|>\n"
+    ids, _ = SFTDataset(str(path), tok, 512, chat_prompt_tokens=chat_prompt_tokens()).sequence(0)
+    assert tok.ids_to_text(ids.tolist()).startswith("<extra_id_0>System\nBe brief.\n")
