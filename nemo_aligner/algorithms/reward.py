@@ -129,6 +129,7 @@ def build_rm_trainer(cfg) -> RewardModelTrainer:
     if path is not None and is_reward_checkpoint(path):
         saved = read_model_config(path)  # the head's shape comes with its weights
         model_cfg.update({k: saved[k] for k in ("reward_model_type", "num_attributes") if k in saved})
+    model_cfg["num_attributes"] = reward_settings(model_cfg)["num_attributes"]  # checkpoints record the number
     settings = RMSettings.from_cfg(cfg, model_cfg)
     tokenizer, tokenizer_src = setup.build_tokenizer(cfg)
     vocab_size = setup.set_vocab_size(model_cfg, tokenizer)

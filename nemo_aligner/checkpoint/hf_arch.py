@@ -250,7 +250,9 @@ def hf_config_from_model_cfg(model_cfg: dict, model_type: str, dtype: str, speci
                 "a reward model with reward_reduction=mean has no Hugging Face equivalent "
                 "(sequence classifiers score the last real token)"
             )
-        labels = int(model_cfg.get("num_attributes", 1))
+        from nemo_aligner.models.reward_model import reward_settings
+
+        labels = reward_settings(model_cfg)["num_attributes"]
         cfg["architectures"] = [cfg["architectures"][0].replace("LMHeadModel", "ForSequenceClassification")
                                 .replace("ForCausalLM", "ForSequenceClassification")]
         cfg["id2label"] = {str(i): f"LABEL_{i}" for i in range(labels)}

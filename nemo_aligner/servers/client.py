@@ -20,6 +20,7 @@ from nemo_aligner.utils.logging import get_logger
 
 WAIT_MESSAGE_EVERY_S = 5.0
 REQUESTS_IN_FLIGHT = 4
+WATCHDOG_MARGIN_S = 30.0
 
 
 class ServerError(RunError, ConnectionError):
@@ -65,6 +66,8 @@ class TritonClient:
         self._local = threading.local()
         self._clients = []
         self._pool = None
+        self._lock = threading.Lock()
+        self._in_flight = 0
         self.max_batch_size = self._wait_ready()
         # A few requests in flight keep the server's queue fed while it computes.
         self._pool = ThreadPoolExecutor(max_workers=REQUESTS_IN_FLIGHT, thread_name_prefix=f"triton-{endpoint}")
@@ -131,11 +134,24 @@ class TritonClient:
                 f"the {self.what} at {self.where} failed: {reason[:300]}{self._hint()}"
             ) from None
 
-    def submit(self, inputs: dict):
+    def submit(self, inputs: dict) -> "_Request":
         """A future of the endpoint's outputs for ``inputs`` (numpy arrays, batch first)."""
         if self._pool is None:
             raise ServerError(f"the client of {self.where} is closed")
-        return self._pool.submit(self._infer, inputs)
+        with self._lock:
+            ahead = self._in_flight
+            self._in_flight += 1
+        future = self._pool.submit(self._infer, inputs)
+        future.add_done_callback(self._finished)
+        # Once sent, PyTriton bounds a request by init_timeout_s + inference_timeout_s; those ahead
+        # of it in this client's queue add theirs. Past that (and a margin), something is stuck.
+        rounds = 1 + ahead // REQUESTS_IN_FLIGHT
+        limit = self.init_timeout_s + rounds * self.inference_timeout_s + WATCHDOG_MARGIN_S
+        return _Request(future, self, limit)
+
+    def _finished(self, _future) -> None:
+        with self._lock:
+            self._in_flight -= 1
 
     def close(self) -> None:
         if self._pool is not None:
@@ -146,6 +162,30 @@ class TritonClient:
                 self._clients.pop().close()
             except Exception:  # noqa: BLE001 -- closing a broken connection
                 pass
+
+
+class _Request:
+    """A request's future whose ``result()`` waits at most until its deadline: a server that
+    stops answering, or a connection that hangs, fails the run in one line instead of stalling
+    it."""
+
+    def __init__(self, future, client: TritonClient, limit_s: float):
+        self.future, self.client, self.limit_s = future, client, limit_s
+        self.deadline = time.monotonic() + limit_s
+
+    def result(self):
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        try:
+            return self.future.result(timeout=max(self.deadline - time.monotonic(), 0.0))
+        except FutureTimeout:
+            raise ServerError(
+                f"the {self.client.what} at {self.client.where} did not answer within {self.limit_s:.0f} s "
+                f"(init_timeout_s + inference_timeout_s per request, for the requests queued){self.client._hint()}"
+            ) from None
+
+    def done(self) -> bool:
+        return self.future.done()
 
 
 def sequence_requests(sequences: list[list[int]], max_batch_size: int, pad_to_length, pad_id: int):

@@ -149,7 +149,7 @@ def build_critic_server(cfg):
     if rm_cfg is not None:
         model_cfg.update({k: rm_cfg[k] for k in ("reward_model_type", "num_attributes", "reward_reduction",
                                                  "reward_head_dtype") if k in rm_cfg})
-        if int(model_cfg.get("num_attributes", 1)) != 1:
+        if reward_settings(model_cfg)["num_attributes"] != 1:
             raise ValueError(f"{path} has {model_cfg['num_attributes']} outputs; a critic needs a reward model with one")
     model_cfg.setdefault("reward_model_type", "binary_ranking")
     model_cfg["num_attributes"] = 1

@@ -15,6 +15,7 @@ tests and stopped with their whole process trees, also when a test fails.
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,15 +65,25 @@ def error_lines(text):
 
 
 def launch(log_dir, *args, timeout=900):
-    """launch_ppo.py in its own session; its tree is stopped whatever happens."""
-    proc = subprocess.Popen([sys.executable, str(LAUNCH_PPO_SCRIPT), "--log-dir", str(log_dir), *args],
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    """launch_ppo.py in its own session; its tree is stopped whatever happens. Its output goes to
+    ``<log_dir>/launch.out`` (appended), so a run that hangs still shows where it was."""
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    out_path = log_dir / "launch.out"
+    start = out_path.stat().st_size if out_path.exists() else 0
+    with open(out_path, "a") as out:
+        proc = subprocess.Popen([sys.executable, str(LAUNCH_PPO_SCRIPT), "--log-dir", str(log_dir), *args],
+                                env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        logs = {p.name: p.read_text(errors="replace")[-3000:] for p in (out_path, log_dir / "critic.log", log_dir / "rm.log")
+                if p.exists()}
+        raise AssertionError(f"launch_ppo.py ran past {timeout} s; the ends of its logs:\n" +
+                             "\n".join(f"--- {name}\n{text}" for name, text in logs.items())) from None
     finally:
         stop_group(proc, grace=5)
-    return proc.returncode, out
+    return proc.returncode, out_path.read_text(errors="replace")[start:]
 
 
 def assert_released(port):
