@@ -6,8 +6,9 @@ was produced). Sample ``i`` (0-based line order) is drawn with seed ``sampling.s
 so the output does not depend on ``batch_size`` or on the data-parallel size.
 
 With ``steerlm.attributes`` (or ``steerlm.label``) each ``text`` is a user message and the
-prompt asks for a reply with those attributes (NeMo's template, see
-:mod:`nemo_aligner.data.steerlm_template`); the reply stops at the next turn-start token.
+prompt asks for a reply with those attributes, rendered as training rendered it (see
+:mod:`nemo_aligner.data.steerlm_template`): in NeMo's template the reply stops at the next
+turn-start token, in a tokenizer's chat template at EOS.
 
 Every check on the input happens before anything is written; the output file is written
 to a temporary name next to it and renamed into place at the end.
