@@ -56,9 +56,9 @@ def rl_args(algo: str, policy, log_dir, *extra) -> list[str]:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from nemo_aligner.utils.ports import free_port as pick
+
+    return pick()
 
 
 def _env(extra=None):

@@ -20,7 +20,6 @@ goes back to the client alone (the other ranks never see that request).
 
 import os
 import signal
-import socket
 import sysconfig
 import threading
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import numpy as np
 import torch.distributed as dist
 
 from nemo_aligner.utils.logging import get_logger
+from nemo_aligner.utils.ports import free_port
 
 STOP = "\x00stop"  # no endpoint has this name
 
@@ -43,12 +43,6 @@ def prepare_pytriton_environment() -> None:
     paths = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
     if paths[:1] != [libdir]:
         os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([libdir] + [p for p in paths if p != libdir])
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _broadcast(obj):

@@ -8,7 +8,6 @@ loopback port). The backend is nccl when CUDA is available, gloo otherwise.
 import datetime
 import os
 import random
-import socket
 
 import numpy as np
 import torch
@@ -16,6 +15,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from nemo_aligner.utils import cpu_support
+from nemo_aligner.utils.ports import free_port
 
 
 # Servers' other ranks wait in a broadcast between requests: idle time must not time out.
@@ -24,12 +24,6 @@ SERVER_TIMEOUT_S = 365 * 24 * 3600
 
 class ParallelConfigError(ValueError):
     """A parallel layout that cannot be built on this world size or model."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env_from_slurm() -> None:
@@ -113,7 +107,7 @@ def initialize(
             # A plain process: a world of one, without exporting rendezvous variables
             # that child processes (e.g. torchrun launched from here) would inherit.
             dist.init_process_group(
-                backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
                 rank=0, world_size=1, **extra,
             )
     if parallel_state.model_parallel_is_initialized():

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nemo_aligner.utils.ports import free_port
 from nemo_aligner.utils.processes import stop_process_tree
 
 LOG_TAIL_LINES = 15
@@ -39,12 +40,6 @@ def python_cmd(script, nproc: int, args: list) -> list:
     master = free_port()
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={master}",
             str(script), *args]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _listening(host: str, port: int) -> bool:
