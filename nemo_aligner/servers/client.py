@@ -206,8 +206,8 @@ class _Gathered:
     """Futures of several requests, concatenated at ``result()``: one value per sequence (the
     first output), or with ``all_outputs`` a list of every output per sequence."""
 
-    def __init__(self, futures, key: str, timeout: float, all_outputs: bool = False):
-        self.futures, self.key, self.timeout, self.all_outputs = futures, key, timeout, all_outputs
+    def __init__(self, futures, key: str, all_outputs: bool = False):
+        self.futures, self.key, self.all_outputs = futures, key, all_outputs
 
     def result(self) -> list:
         out = []
@@ -236,7 +236,7 @@ class RewardClient(TritonClient):
                 inputs["sentences"] = np.array([[s] for s in sentences[start : start + len(inputs["tokens"])]],
                                                dtype=np.object_)
             futures.append(self.submit(inputs))
-        return _Gathered(futures, "rewards", self.inference_timeout_s, all_outputs)
+        return _Gathered(futures, "rewards", all_outputs)
 
 
 
