@@ -67,6 +67,8 @@ def test_too_long_line_names_the_fix(tmp_path):
     ("dpo", ["model.dpo.ref_logprobs=cache"], "model.dpo.ref_logprobs='cache'"),
     ("dpo", ["model.data.packing.enabled=true", "model.data.packing.pack_size=100"], "less than twice max_seq_length"),
     ("rm", ["model.num_attributes=3"], "num_attributes=3 with binary_ranking"),
+    ("dpo", ["model.data.micro_batch_tokens=-3"], "model.data.micro_batch_tokens=-3; give a number of tokens"),
+    ("rm", ["model.data.micro_batch_tokens=lots"], "model.data.micro_batch_tokens='lots'"),
 ])
 def test_bad_config(tmp_path, algo, extra, needle):
     data = write(tmp_path / "train.jsonl", [GOOD] * 40)

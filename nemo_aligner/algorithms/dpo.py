@@ -312,7 +312,8 @@ def _setup_reference(trainer, settings, model, datasets, collate, micro_batch_si
             batches = sampler.steps_per_epoch if trainer.limit_val_batches is None else trainer.limit_val_batches
             items = [i for n, b in enumerate(sampler._global_batches(0, 0)) if n < batches for i in b]
         precompute_reference_logps(model, ds, base, collate, micro_batch_size, desc=f"reference log-probs ({name})",
-                                   items=items)
+                                   items=items, row_length=loaders[name].row_length,
+                                   token_budget=loaders[name].token_budget)
     return None
 
 

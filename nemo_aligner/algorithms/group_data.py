@@ -129,6 +129,28 @@ def micro_batch_collation(cfg, pad_id: int):
     return partial(group_collate, pad_id=pad_id), None
 
 
+def micro_batch_tokens(cfg, model_cfg, dataset) -> int | None:
+    """Tokens a padding-free micro-batch may hold (``model.data.micro_batch_tokens``).
+
+    Default: what ``micro_batch_size`` padded groups would take, ``micro_batch_size`` x
+    sequences per group x ``max_seq_length``, so memory stays bounded by the same number while
+    short groups share a micro-batch. ``0``: exactly ``micro_batch_size`` groups per
+    micro-batch. The losses are sums over the global batch, so results do not depend on it.
+    """
+    value = cfg_get(cfg, "model.data.micro_batch_tokens", None)
+    if value is None:
+        mbs = int(model_cfg["micro_batch_size"])
+        return mbs * len(dataset[0]["sequences"]) * data_settings(cfg, model_cfg)["max_seq_length"]
+    try:
+        value = int(value)
+    except (TypeError, ValueError):
+        value = -1
+    if value < 0:
+        raise ValueError(f"model.data.micro_batch_tokens={cfg_get(cfg, 'model.data.micro_batch_tokens')!r}; "
+                         "give a number of tokens, 0 (micro_batch_size groups per micro-batch) or null (the default)")
+    return value or None
+
+
 def group_loaders(cfg, model_cfg, train_ds, val_ds, pad_id: int):
     """Step loaders over group datasets (packed or not), and their collate function."""
     dp_rank, dp_size = setup.data_parallel_info()
@@ -137,13 +159,14 @@ def group_loaders(cfg, model_cfg, train_ds, val_ds, pad_id: int):
     seed = int(cfg_get(cfg, "seed", 1234))
     multiple = 8 * int(model_cfg.get("tensor_model_parallel_size", 1))
     collate, row_length = micro_batch_collation(cfg, pad_id)
+    budget = micro_batch_tokens(cfg, model_cfg, train_ds) if row_length is not None else None
 
     def loader(ds, shuffle, drop_last):
         sampler = MegatronBatchSampler(
             len(ds), 0, gbs, dp_rank, dp_size, drop_last=drop_last, shuffle=shuffle, seed=seed
         )
-        return StepLoader(ds, sampler, mbs, collate, pad_to_multiple_of=multiple,
-                          sample_length=group_length, padding_sample=padding_group, row_length=row_length)
+        return StepLoader(ds, sampler, mbs, collate, pad_to_multiple_of=multiple, sample_length=group_length,
+                          padding_sample=padding_group, row_length=row_length, token_budget=budget)
 
     train = loader(train_ds, bool(data.get("shuffle", True)), bool(data.get("drop_last", True)))
     val = loader(val_ds, False, False) if val_ds is not None else None

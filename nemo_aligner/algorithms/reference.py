@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
+from nemo_aligner.data.loader import token_budget_chunks
 from nemo_aligner.models.collect import forward_only_collect
 from nemo_aligner.models.logprobs import token_logprobs
 from nemo_aligner.models.lora import adapters_disabled, has_lora, reference_context
@@ -57,13 +58,16 @@ def _reference_sums(logits, batch):
 
 @torch.no_grad()
 def precompute_reference_logps(model_chunks, dataset, base_dataset, collate_fn, micro_batch_size: int,
-                               desc: str = "reference log-probs", items=None) -> None:
+                               desc: str = "reference log-probs", items=None, row_length=None,
+                               token_budget=None) -> None:
     """Fill ``base_dataset.ref_logps`` (``[N, 2]``) with the current weights' log-prob sums.
 
     ``dataset`` yields groups of ``base_dataset``'s samples (the dataset itself, or its
     packs); ``items`` are the indices of ``dataset`` to compute (default: all of them; the
     samples of the others keep NaN, so using one by mistake shows as a NaN loss). Data-parallel
     ranks split the items, every rank ends with all the values. Must be called by every rank.
+    Micro-batches are ``micro_batch_size`` items, or with ``token_budget`` and ``row_length``
+    (one-row micro-batches) the runs of items that fit in the budget, as in training.
     """
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -71,9 +75,12 @@ def precompute_reference_logps(model_chunks, dataset, base_dataset, collate_fn, 
     mine = items[dp_rank::dp_size]
     values = torch.zeros(len(base_dataset), 2, dtype=torch.float64)
     computed = torch.zeros(len(base_dataset), dtype=torch.float64)
-    chunks = [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    if token_budget is not None and row_length is not None:
+        chunks = token_budget_chunks([dataset[i] for i in mine], row_length, token_budget)
+    else:
+        chunks = [[dataset[i] for i in mine[j : j + micro_batch_size]] for j in range(0, len(mine), micro_batch_size)]
     for chunk in tqdm(chunks, desc=desc, disable=not is_global_rank_zero(), dynamic_ncols=True):
-        batch = collate_fn([dataset[i] for i in chunk])
+        batch = collate_fn(chunk)
         with reference_context(model_chunks):  # a LoRA model's reference: its adapters off
             sums = forward_only_collect(model_chunks, [batch], _reference_sums)
         if sums is not None:

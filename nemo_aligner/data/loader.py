@@ -1,7 +1,8 @@
 """Turn a sampler's per-step indices into the micro-batches one optimizer step consumes.
 
 Each step, this data-parallel rank owns ``global_batch_size / dp`` samples, cut into
-``micro_batch_size`` pieces. Every micro-batch of a step is padded to the same length
+``micro_batch_size`` pieces (or, for micro-batches packed into one row, runs of samples that
+fit in a token budget: :func:`token_budget_chunks`). Every micro-batch of a step is padded to the same length
 (the longest sample of the step, rounded up to ``pad_to_multiple_of``), because pipeline
 stages exchange activations of one fixed shape per step. A final partial batch is topped
 up with padding samples whose loss mask is zero, so every rank runs the same number of
@@ -29,6 +30,8 @@ class StepLoader:
     collate that packs a micro-batch into one row).
     ``padding_sample(item)`` makes a filler like ``item`` that carries no loss (default:
     :func:`~nemo_aligner.data.datasets.make_padding_sample`).
+    ``token_budget`` (with ``row_length``): micro-batches are the runs of samples whose row fits
+    in that many tokens, instead of ``micro_batch_size`` samples each.
     """
 
     def __init__(
@@ -41,6 +44,7 @@ class StepLoader:
         sample_length=None,
         padding_sample=make_padding_sample,
         row_length=None,
+        token_budget=None,
     ):
         per_rank = sampler.global_batch_size // sampler.data_parallel_size
         if per_rank % micro_batch_size != 0:
@@ -58,14 +62,14 @@ class StepLoader:
         self.sample_length = sample_length or (lambda item: len(item["tokens"]))
         self.padding_sample = padding_sample
         self.row_length = row_length
+        self.token_budget = token_budget if row_length is not None else None
 
     def make_step(self, indices) -> StepBatch:
         items = [self.dataset[i] for i in indices]
         num_real = len(items)
         template = items[0] if items else self.dataset[0]
         items += [self.padding_sample(template) for _ in range(self.per_rank - num_real)]
-        mbs = self.micro_batch_size
-        chunks = [items[i : i + mbs] for i in range(0, len(items), mbs)]
+        chunks = self.chunks(items)
         if self.row_length is not None:
             longest = max(self.row_length(chunk) for chunk in chunks)
         else:
@@ -74,6 +78,13 @@ class StepLoader:
         seq_length = -(-longest // m) * m
         micro = [self.collate_fn(chunk, pad_to=seq_length) for chunk in chunks]
         return StepBatch(micro_batches=micro, seq_length=seq_length, num_samples=num_real)
+
+    def chunks(self, items: list) -> list[list]:
+        """``items`` cut into micro-batches, in order."""
+        if self.token_budget is not None:
+            return token_budget_chunks(items, self.row_length, self.token_budget)
+        mbs = self.micro_batch_size
+        return [items[i : i + mbs] for i in range(0, len(items), mbs)]
 
     def __iter__(self):
         for indices in self.sampler:
@@ -85,3 +96,23 @@ class StepLoader:
             if limit_batches is not None and n >= limit_batches:
                 return
             yield self.make_step(indices)
+
+
+def token_budget_chunks(items: list, row_length, budget: int) -> list[list]:
+    """``items`` cut, in order, into the longest runs whose ``row_length(run)`` is at most
+    ``budget`` tokens (an item longer than the budget alone is a run of its own).
+
+    For micro-batches packed into one row: the loss is a sum over samples, so how a step is
+    cut changes no result, but each micro-batch costs a fixed forward and backward overhead
+    (tens of ops per layer) besides its arithmetic. Short samples fill a row of the budget
+    instead of leaving it mostly empty at ``micro_batch_size`` samples.
+    """
+    chunks, current = [], []
+    for item in items:
+        if current and row_length(current + [item]) > budget:
+            chunks.append(current)
+            current = []
+        current.append(item)
+    if current:
+        chunks.append(current)
+    return chunks

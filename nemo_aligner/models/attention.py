@@ -96,59 +96,68 @@ class SDPACoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.heads * self.head_dim)
 
     def _forward_thd(self, query, key, value, packed_seq_params):
-        cu_q = packed_seq_params.cu_seqlens_q.tolist()
-        cu_k = packed_seq_params.cu_seqlens_kv.tolist()
-        if cu_q != cu_k:
-            raise ValueError("packed attention needs identical query and key boundaries")
         plan = getattr(packed_seq_params, "_sdpa_plan", None)
         if plan is None:  # made once per forward: every layer gets the same packed_seq_params
+            cu_q = packed_seq_params.cu_seqlens_q.tolist()
+            if packed_seq_params.cu_seqlens_kv.tolist() != cu_q:
+                raise ValueError("packed attention needs identical query and key boundaries")
             prefix_lens = getattr(packed_seq_params, "prefix_lens", None)
             plan = _PackedPlan(cu_q, prefix_lens, query.device)
             packed_seq_params._sdpa_plan = plan
         # Segments gathered into a padded batch [n, heads, L, dim]: one attention call for all
         # of them (a call per segment costs more than the arithmetic of a short one).
-        q = query[plan.q_index].permute(0, 2, 1, 3)
-        k = key[plan.k_index].permute(0, 2, 1, 3)
-        v = value[plan.k_index].permute(0, 2, 1, 3)
+        # index_select rather than advanced indexing: its backward is an index_add, several
+        # times faster than the accumulating index_put advanced indexing takes.
+        n, lq, lk = plan.shape
+        q = query.index_select(0, plan.q_index).view(n, lq, *query.shape[1:]).transpose(1, 2)
+        k = key.index_select(0, plan.k_index).view(n, lk, *key.shape[1:]).transpose(1, 2)
+        v = value.index_select(0, plan.k_index).view(n, lk, *value.shape[1:]).transpose(1, 2)
         out = self._sdpa(q, k, v, attn_mask=plan.mask, is_causal=plan.mask is None)
-        out = out.permute(0, 2, 1, 3).reshape(-1, self.heads * self.head_dim)
-        return out[plan.out_index]
+        out = out.transpose(1, 2).reshape(n * lq, self.heads * self.head_dim)
+        return out.index_select(0, plan.out_index)
 
 
 class _PackedPlan:
     """Index tensors that turn a packed row (segments back to back, ``cu_seqlens``) into a
-    padded batch of segments and back.
+    padded batch of segments and back (flat indices, for ``index_select``).
 
-    Segment ``i`` (``n_i`` tokens) becomes row ``i``: queries are its tokens; keys are, when it
-    continues ``L_i = prefix_lens[i]`` tokens of segment ``i - 1``, those tokens followed by its
-    own. Query ``j`` sees keys ``0 .. L_i + j`` (causal, after the shared prefix). Without any
-    prefix the mask is plain causal (right padding only adds rows and keys nobody reads), so
-    SDPA's causal kernel runs without a mask.
+    Segment ``i`` (``n_i`` tokens from ``s_i``) becomes row ``i``: queries are its tokens; keys
+    are, when it continues ``L_i = prefix_lens[i]`` tokens of segment ``i - 1``, those tokens
+    followed by its own. Query ``j`` sees keys ``0 .. L_i + j`` (causal, after the shared
+    prefix). Without any prefix the mask is plain causal (right padding only adds rows and
+    keys nobody reads), so SDPA's causal kernel runs without a mask. Padding slots point at
+    token 0: finite values whose outputs are dropped.
     """
 
     def __init__(self, cu, prefix_lens, device):
-        starts, lengths = cu[:-1], [b - a for a, b in zip(cu[:-1], cu[1:])]
-        prefixes = list(prefix_lens) if prefix_lens else [0] * len(lengths)
-        segments = [i for i, n in enumerate(lengths) if n > 0]
-        lq = max(lengths[i] for i in segments)
-        lk = max(lengths[i] + prefixes[i] for i in segments)
-        q_index = torch.zeros(len(segments), lq, dtype=torch.long)
-        k_index = torch.zeros(len(segments), lk, dtype=torch.long)
-        out_index = []
-        use_mask = any(prefixes[i] for i in segments)
-        mask = torch.zeros(len(segments), 1, lq, lk, dtype=torch.bool) if use_mask else None
-        for row, i in enumerate(segments):
-            n, shared = lengths[i], prefixes[i]
-            own = torch.arange(starts[i], starts[i] + n)
-            q_index[row, :n] = own
-            keys = torch.cat([torch.arange(starts[i - 1], starts[i - 1] + shared), own]) if shared else own
-            k_index[row, : len(keys)] = keys
-            out_index.extend(range(row * lq, row * lq + n))
-            if mask is not None:
-                allowed = torch.ones(n, shared + n, dtype=torch.bool).tril(diagonal=shared)
-                mask[row, 0, :n, : shared + n] = allowed
-                mask[row, 0, n:, 0] = True  # padding queries: one key, so no row is empty (their output is dropped)
-        self.q_index = q_index.to(device)
-        self.k_index = k_index.to(device)
-        self.out_index = torch.tensor(out_index, dtype=torch.long, device=device)
-        self.mask = None if mask is None else mask.to(device)
+        cu_t = torch.tensor(cu, dtype=torch.long)
+        lengths_all = cu_t[1:] - cu_t[:-1]
+        keep = lengths_all > 0
+        starts, lengths = cu_t[:-1][keep], lengths_all[keep]
+        if prefix_lens:
+            prefixes = torch.tensor(list(prefix_lens), dtype=torch.long)[keep]
+            previous_starts = torch.cat([cu_t[:1], cu_t[:-2]])[keep]  # start of segment i - 1
+        else:
+            prefixes = torch.zeros_like(lengths)
+            previous_starts = starts
+        n = len(lengths)
+        lq = int(lengths.max())
+        lk = int((lengths + prefixes).max())
+        j_q = torch.arange(lq)
+        j_k = torch.arange(lk)
+        valid_q = j_q[None, :] < lengths[:, None]
+        q_index = torch.where(valid_q, starts[:, None] + j_q[None, :], 0)
+        in_prefix = j_k[None, :] < prefixes[:, None]
+        own = (j_k[None, :] >= prefixes[:, None]) & (j_k[None, :] < (prefixes + lengths)[:, None])
+        k_index = torch.where(in_prefix, previous_starts[:, None] + j_k[None, :],
+                              torch.where(own, starts[:, None] + j_k[None, :] - prefixes[:, None], 0))
+        rows = torch.arange(n)[:, None] * lq + j_q[None, :]
+        self.shape = (n, lq, lk)
+        self.q_index = q_index.reshape(-1).to(device)
+        self.k_index = k_index.reshape(-1).to(device)
+        self.out_index = rows[valid_q].to(device)
+        self.mask = None
+        if bool((prefixes > 0).any()):
+            # Query j of row i sees keys up to L_i + j; a padding query sees at least key 0.
+            mask = j_k[None, None, :] <= (prefixes[:, None, None] + j_q[None, :, None])
+            self.mask = mask.unsqueeze(1).to(device)

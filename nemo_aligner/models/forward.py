@@ -9,6 +9,7 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from nemo_aligner.models.gpt import uses_transformer_engine
 from nemo_aligner.utils.cpu_support import cuda_on_cpu, native_torch
 
 
@@ -20,7 +21,8 @@ def forward_batch(model, batch: dict):
     Megatron's ``thd`` layout, so attention and RoPE restart at every sample boundary.
     A packed batch with ``prefix_lens`` (segments continuing a shared prompt, see
     :func:`~nemo_aligner.data.datasets.sft_collate`) passes them to attention as
-    ``packed_seq_params.prefix_lens`` and takes RoPE positions from ``position_ids``.
+    ``packed_seq_params.prefix_lens``; RoPE positions come from ``position_ids`` (which restart
+    at each segment, or continue a shared prompt).
     """
     tokens, position_ids = batch["tokens"], batch["position_ids"]
     if "cu_seqlens" not in batch:
@@ -36,10 +38,18 @@ def forward_batch(model, batch: dict):
         max_seqlen_q=int(batch["max_seqlen"]),
         max_seqlen_kv=int(batch["max_seqlen"]),
     )
-    positions = contextlib.nullcontext()
     if "prefix_lens" in batch:
         params.prefix_lens = batch["prefix_lens"].tolist()
+    positions = contextlib.nullcontext()
+    if "prefix_lens" in batch or not uses_transformer_engine():
         positions = rope_at_positions(model, position_ids.reshape(-1))
+        if not uses_transformer_engine():
+            # RoPE reads the "padded" boundaries when they are set, and our attention does not:
+            # one segment spanning the row, with a frequency row per token, is the same
+            # rotation as restarting at each boundary, without Megatron's loop over segments
+            # (tens of small ops per layer).
+            whole = torch.tensor([0, b * s], dtype=torch.int32, device=tokens.device)
+            params.cu_seqlens_q_padded = params.cu_seqlens_kv_padded = whole
     with positions:
         out = model(
             tokens.reshape(1, b * s),

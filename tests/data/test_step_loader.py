@@ -41,3 +41,42 @@ def test_partial_batch_padded_with_zero_loss_samples():
     # Rank 1 gets no real sample of the 1-sample final batch: two padding micro-batches.
     assert step.num_samples == 0 and len(step.micro_batches) == 2
     assert all(int(mb["loss_mask"].sum()) == 0 for mb in step.micro_batches)
+
+
+def test_token_budget_chunks_are_the_longest_runs_that_fit_in_order():
+    from nemo_aligner.data.loader import token_budget_chunks
+
+    total = lambda run: sum(run)  # noqa: E731
+    assert token_budget_chunks([5, 3, 4, 9, 2, 1], total, 10) == [[5, 3], [4], [9], [2, 1]]
+    assert token_budget_chunks([12, 1, 1], total, 10) == [[12], [1, 1]]  # too long alone: a run of its own
+    assert token_budget_chunks([1] * 7, total, 3) == [[1, 1, 1], [1, 1, 1], [1]]
+    assert token_budget_chunks([], total, 10) == []
+
+
+def test_one_row_micro_batches_fill_a_token_budget():
+    """With a row_length (one-row micro-batches) and a token budget, a step's samples are cut
+    into the fewest in-order runs that fit; every sample is in exactly one micro-batch."""
+    from nemo_aligner.data.loader import token_budget_chunks
+
+    def row_collate(samples, pad_to):
+        merged = {k: torch.cat([s[k] for s in samples]) for k in samples[0]}
+        return sft_collate([merged], pad_id=0, pad_to=pad_to)
+
+    row_length = lambda items: sum(len(x["tokens"]) for x in items)  # noqa: E731
+    ds = ToyDataset([3, 9, 4, 5, 2, 7, 1, 6])
+    sampler = MegatronBatchSampler(8, 0, global_batch_size=8, data_parallel_rank=0, data_parallel_size=1)
+    fixed = StepLoader(ds, sampler, micro_batch_size=2, collate_fn=row_collate, pad_to_multiple_of=1,
+                       row_length=row_length)
+    budget = StepLoader(ds, sampler, micro_batch_size=2, collate_fn=row_collate, pad_to_multiple_of=1,
+                        row_length=row_length, token_budget=16)
+    a, b = next(iter(fixed)), next(iter(budget))
+    assert len(a.micro_batches) == 4
+    assert [len(c) for c in token_budget_chunks(ds.lengths, sum, 16)] == [3, 4, 1]  # 16, 15, 6 tokens
+    assert len(b.micro_batches) == 3 and b.seq_length == 16
+    for step in (a, b):
+        tokens = torch.cat([mb["tokens"][mb["loss_mask"].bool()] for mb in step.micro_batches])
+        assert sorted(tokens.unique().tolist()) == list(range(1, 9))
+        assert int(sum(mb["loss_mask"].sum() for mb in step.micro_batches)) == sum(ds.lengths)
+    # Without a row_length the budget does not apply (rows are samples, padded to the longest).
+    plain = StepLoader(ds, sampler, micro_batch_size=2, collate_fn=collate, token_budget=16)
+    assert plain.token_budget is None and len(next(iter(plain)).micro_batches) == 4

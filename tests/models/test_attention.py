@@ -82,3 +82,40 @@ def test_packed_thd_segment_continuing_a_shared_prefix():
     b = [0, 1, 2, 5, 6, 7, 8]
     torch.testing.assert_close(packed[:5], reference(full(q, a), full(k, a), full(v, a))[:, 0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed[5:], reference(full(q, b), full(k, b), full(v, b))[3:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_packed_thd_many_segments_prefixes_and_empty_ones_with_gradients():
+    """A row of segments of mixed lengths, some continuing the previous one's first tokens and
+    some empty (a padding tail of length 0): outputs and gradients equal naive attention over
+    each segment's own sequence (its shared prefix, then its tokens)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    attn = make()
+    lengths = [4, 3, 0, 6, 2, 5, 1]
+    prefixes = [0, 2, 0, 0, 4, 0, 3]  # segment i continues prefixes[i] tokens of segment i - 1
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    t = int(cu[-1])
+    q = rand(t, 4, 8, seed=10).requires_grad_()
+    k = rand(t, 2, 8, seed=11).requires_grad_()
+    v = rand(t, 2, 8, seed=12).requires_grad_()
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=6, max_seqlen_kv=6)
+    params.prefix_lens = prefixes
+    weights = rand(t, 32, seed=13)
+    packed = attn(q, k, v, None, packed_seq_params=params)
+    (packed * weights).sum().backward()
+    got = [x.grad.clone() for x in (q, k, v)]
+
+    for x in (q, k, v):
+        x.grad = None
+    expected = torch.zeros(t, 32)
+    for i, (n, shared) in enumerate(zip(lengths, prefixes)):
+        if n == 0:
+            continue
+        start = int(cu[i])
+        keys = list(range(int(cu[i - 1]), int(cu[i - 1]) + shared)) + list(range(start, start + n))
+        row = lambda x: x[keys].unsqueeze(1)  # noqa: E731
+        expected[start : start + n] = reference(row(q), row(k), row(v))[shared:, 0]
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(packed, expected.detach(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -7,7 +7,7 @@ and docs/distillation.md).
 
 import hydra
 
-from nemo_aligner.utils.entry import run_training
+from nemo_aligner.utils.entry import exit_without_teardown, run_training
 
 
 @hydra.main(config_path="../../../conf", config_name="gpt_knowledge_distillation", version_base="1.3")
@@ -19,3 +19,4 @@ def main(cfg) -> None:
 
 if __name__ == "__main__":  # dist_checkpointing's writer processes re-import this file
     main()
+    exit_without_teardown()

@@ -9,7 +9,7 @@ Under torchrun the actor takes any TP/PP/DP layout; the critic server has its ow
 
 import hydra
 
-from nemo_aligner.utils.entry import run_training
+from nemo_aligner.utils.entry import exit_without_teardown, run_training
 
 
 @hydra.main(config_path="../../../conf", config_name="gpt_ppo_actor", version_base="1.3")
@@ -21,3 +21,4 @@ def main(cfg) -> None:
 
 if __name__ == "__main__":  # dist_checkpointing's writer processes re-import this file
     main()
+    exit_without_teardown()

@@ -8,7 +8,7 @@ docs/reward_models.md).
 
 import hydra
 
-from nemo_aligner.utils.entry import run_training
+from nemo_aligner.utils.entry import exit_without_teardown, run_training
 
 
 @hydra.main(config_path="../../../conf", config_name="training_rm", version_base="1.3")
@@ -20,3 +20,4 @@ def main(cfg) -> None:
 
 if __name__ == "__main__":  # dist_checkpointing's writer processes re-import this file
     main()
+    exit_without_teardown()

@@ -1,0 +1,44 @@
+"""Megatron's optimizer as we build it: on CPU torch's Adam runs fused, and takes the step the
+per-tensor loop takes."""
+
+import torch
+
+from nemo_aligner.models.gpt import build_gpt_model
+from nemo_aligner.utils.optim import build_optimizer, build_scheduler, optimizer_step, wrap_ddp
+
+TINY = dict(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
+            encoder_seq_length=16)
+OPTIM = {"optim": {"name": "adamw", "lr": 1e-2, "weight_decay": 0.1, "betas": [0.9, 0.95],
+                   "sched": {"name": "Constant", "warmup_steps": 0}}}
+
+
+def three_steps(fused: bool):
+    model = wrap_ddp(build_gpt_model(TINY, 64, seed=3), {})
+    optimizer = build_optimizer([model], OPTIM, gradient_clip_val=0.5)
+    inner = [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+    assert all(group["fused"] for opt in inner for group in opt.param_groups)
+    if not fused:
+        for opt in inner:
+            for group in opt.param_groups:
+                group["fused"] = False
+    scheduler = build_scheduler(optimizer, OPTIM, max_steps=3)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    norms = []
+    for _ in range(3):
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        logits = model(tokens, torch.arange(16).expand(2, -1), attention_mask=None)
+        logits.float().logsumexp(-1).sum().backward()
+        norms.append(optimizer_step(optimizer, scheduler)[0])
+    return norms, [p.detach().clone() for p in model.parameters()]
+
+
+def test_fused_cpu_adam_takes_the_per_tensor_step(dist_world_of_one):
+    fused_norms, fused = three_steps(True)
+    loop_norms, loop = three_steps(False)
+    assert fused_norms[0] > 0.5  # clipping was active
+    torch.testing.assert_close(torch.tensor(fused_norms), torch.tensor(loop_norms), rtol=1e-5, atol=0)
+    for a, b in zip(fused, loop):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    initial = [p.detach() for p in build_gpt_model(TINY, 64, seed=3).parameters()]
+    assert max((a - b).abs().max() for a, b in zip(fused, initial)) > 1e-3  # the weights moved
