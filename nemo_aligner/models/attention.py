@@ -104,60 +104,83 @@ class SDPACoreAttention(MegatronModule):
             prefix_lens = getattr(packed_seq_params, "prefix_lens", None)
             plan = _PackedPlan(cu_q, prefix_lens, query.device)
             packed_seq_params._sdpa_plan = plan
-        # Segments gathered into a padded batch [n, heads, L, dim]: one attention call for all
-        # of them (a call per segment costs more than the arithmetic of a short one).
-        # index_select rather than advanced indexing: its backward is an index_add, several
-        # times faster than the accumulating index_put advanced indexing takes.
-        n, lq, lk = plan.shape
-        q = query.index_select(0, plan.q_index).view(n, lq, *query.shape[1:]).transpose(1, 2)
-        k = key.index_select(0, plan.k_index).view(n, lk, *key.shape[1:]).transpose(1, 2)
-        v = value.index_select(0, plan.k_index).view(n, lk, *value.shape[1:]).transpose(1, 2)
-        out = self._sdpa(q, k, v, attn_mask=plan.mask, is_causal=plan.mask is None)
-        out = out.transpose(1, 2).reshape(n * lq, self.heads * self.head_dim)
-        return out.index_select(0, plan.out_index)
+        # Each bucket of segments is gathered into a padded batch [n, heads, L, dim] and runs
+        # as one causal attention call (a call per segment costs more than the arithmetic of
+        # a short one). index_select rather than advanced indexing: its backward is an
+        # index_add, several times faster than the accumulating index_put.
+        outs = []
+        for index, (n, length), keep in plan.buckets:
+            q, k, v = (x.index_select(0, index).view(n, length, *x.shape[1:]).transpose(1, 2)
+                       for x in (query, key, value))
+            out = self._sdpa(q, k, v, is_causal=True)
+            outs.append(out.transpose(1, 2).reshape(n * length, self.heads * self.head_dim).index_select(0, keep))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out if plan.order is None else out.index_select(0, plan.order)
+
+
+# Fixed cost of one more attention call (its gathers, kernel launch and backward), in units
+# of the query-key pairs a causal call computes: splitting segments of very different lengths
+# into buckets pays when it saves more padded pairs than this.
+BUCKET_CALL_COST = 16384
 
 
 class _PackedPlan:
-    """Index tensors that turn a packed row (segments back to back, ``cu_seqlens``) into a
-    padded batch of segments and back (flat indices, for ``index_select``).
+    """How a packed row (segments back to back, ``cu_seqlens``) runs as padded batches.
 
-    Segment ``i`` (``n_i`` tokens from ``s_i``) becomes row ``i``: queries are its tokens; keys
-    are, when it continues ``L_i = prefix_lens[i]`` tokens of segment ``i - 1``, those tokens
-    followed by its own. Query ``j`` sees keys ``0 .. L_i + j`` (causal, after the shared
-    prefix). Without any prefix the mask is plain causal (right padding only adds rows and
-    keys nobody reads), so SDPA's causal kernel runs without a mask. Padding slots point at
-    token 0: finite values whose outputs are dropped.
+    Segment ``i`` (``n_i`` tokens from ``s_i``) continuing ``L_i = prefix_lens[i]`` tokens of
+    segment ``i - 1`` becomes the sequence of those ``L_i`` tokens followed by its own: causal
+    attention over it gives its own tokens exactly what they see (the shared prefix, then
+    themselves), and the ``L_i`` prefix outputs are dropped. Every sequence is causal from its
+    first token, so SDPA's causal kernel runs everywhere, with no mask (right padding only adds
+    keys after every real query). Sequences are sorted by length and cut into buckets (one
+    attention call each) where the padding saved outweighs a call's fixed cost.
+
+    ``buckets``: ``(gather index [n * L], (n, L), kept rows [k])`` per bucket; ``order``: the
+    permutation from the buckets' kept rows, concatenated, to the packed tokens (None when it
+    is the identity). Padding slots point at token 0: finite values whose outputs are dropped.
     """
 
     def __init__(self, cu, prefix_lens, device):
-        cu_t = torch.tensor(cu, dtype=torch.long)
-        lengths_all = cu_t[1:] - cu_t[:-1]
-        keep = lengths_all > 0
-        starts, lengths = cu_t[:-1][keep], lengths_all[keep]
-        if prefix_lens:
-            prefixes = torch.tensor(list(prefix_lens), dtype=torch.long)[keep]
-            previous_starts = torch.cat([cu_t[:1], cu_t[:-2]])[keep]  # start of segment i - 1
-        else:
-            prefixes = torch.zeros_like(lengths)
-            previous_starts = starts
-        n = len(lengths)
-        lq = int(lengths.max())
-        lk = int((lengths + prefixes).max())
-        j_q = torch.arange(lq)
-        j_k = torch.arange(lk)
-        valid_q = j_q[None, :] < lengths[:, None]
-        q_index = torch.where(valid_q, starts[:, None] + j_q[None, :], 0)
-        in_prefix = j_k[None, :] < prefixes[:, None]
-        own = (j_k[None, :] >= prefixes[:, None]) & (j_k[None, :] < (prefixes + lengths)[:, None])
-        k_index = torch.where(in_prefix, previous_starts[:, None] + j_k[None, :],
-                              torch.where(own, starts[:, None] + j_k[None, :] - prefixes[:, None], 0))
-        rows = torch.arange(n)[:, None] * lq + j_q[None, :]
-        self.shape = (n, lq, lk)
-        self.q_index = q_index.reshape(-1).to(device)
-        self.k_index = k_index.reshape(-1).to(device)
-        self.out_index = rows[valid_q].to(device)
-        self.mask = None
-        if bool((prefixes > 0).any()):
-            # Query j of row i sees keys up to L_i + j; a padding query sees at least key 0.
-            mask = j_k[None, None, :] <= (prefixes[:, None, None] + j_q[None, :, None])
-            self.mask = mask.unsqueeze(1).to(device)
+        starts = cu[:-1]
+        lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+        prefixes = list(prefix_lens) if prefix_lens else [0] * len(lengths)
+        segments = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -(lengths[i] + prefixes[i]))
+        sizes = [lengths[i] + prefixes[i] for i in segments]
+        self.buckets, kept_tokens = [], []
+        for first, last in _cut(sizes):
+            members = segments[first:last]
+            width = sizes[first]
+            index = torch.zeros(len(members), width, dtype=torch.long)
+            keep = []
+            for row, i in enumerate(members):
+                n, shared = lengths[i], prefixes[i]
+                if shared:
+                    index[row, :shared] = torch.arange(starts[i - 1], starts[i - 1] + shared)
+                index[row, shared : shared + n] = torch.arange(starts[i], starts[i] + n)
+                keep.append(torch.arange(row * width + shared, row * width + shared + n))
+                kept_tokens.append(torch.arange(starts[i], starts[i] + n))
+            self.buckets.append((index.reshape(-1).to(device), (len(members), width), torch.cat(keep).to(device)))
+        tokens = torch.cat(kept_tokens)
+        identity = bool(torch.equal(tokens, torch.arange(len(tokens))))
+        self.order = None if identity else torch.empty_like(tokens).scatter_(
+            0, tokens, torch.arange(len(tokens))).to(device)
+
+
+def _cut(sizes: list[int]) -> list[tuple[int, int]]:
+    """Cut ``sizes`` (descending) into runs ``[first, last)`` minimising the sum over runs of
+    ``BUCKET_CALL_COST`` + the causal pairs of ``last - first`` sequences padded to
+    ``sizes[first]`` (exact dynamic programming; a row holds tens of segments at most)."""
+    n = len(sizes)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sizes
+    cut_at = [0] * (n + 1)
+    for last in range(1, n + 1):
+        for first in range(last):
+            width = sizes[first]
+            cost = best[first] + BUCKET_CALL_COST + (last - first) * width * (width + 1) / 2
+            if cost < best[last]:
+                best[last], cut_at[last] = cost, first
+    runs, last = [], n
+    while last > 0:
+        runs.append((cut_at[last], last))
+        last = cut_at[last]
+    return runs[::-1]

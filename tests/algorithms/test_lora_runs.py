@@ -35,9 +35,11 @@ def test_lora_dpo_reference_is_the_base_model(tiny_policy, tmp_path):
     assert abs(pre[-1]["train/rewards_chosen_mean"]) > 1e-3  # the adapters moved the policy off its reference
     # Reference log-probs precomputed from the base model before training == the adapters-off
     # forward at each step, after the adapters have trained.
+    # (Up to float32 rounding: the precomputed sums, ~100 nats, come from other micro-batches
+    # than the step's, and six steps at lr 1e-2 carry a rounding difference along.)
     for a, b in zip(pre, swap):
         for key in ("train/loss", "train/rewards_chosen_mean", "train/rewards_rejected_mean"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=5e-6), key
     ckpt = next((tmp_path / "swap" / "checkpoints").iterdir())
     assert _adapter_keys(ckpt) and all(".lora." in k for k in _adapter_keys(ckpt))
     final = _adapter_keys(tmp_path / "swap" / "final_model")
