@@ -121,12 +121,12 @@ def test_ppo_raises_the_reward_models_held_out_reward(tiny_policy, count_rm, tmp
                 "timers/logprobs", "timers/init_logprobs", "timers/critic_wait", "timers/train"):
         assert key in last, key
     assert 1.0 <= last["train_rollouts/token_mult_prob_error"] <= 1.01
-    # The critic saved with the actor (at the end): 16 steps x 64 samples / 32 per critic step.
+    # The critic saved with the actor (at the end): 32 steps x 64 samples / 32 per critic step.
     from nemo_aligner.checkpoint.distributed import CheckpointManager, read_trainer_state
 
     critic_ckpt = CheckpointManager(tmp_path / "critic" / "checkpoints").latest()
     state = read_trainer_state(critic_ckpt)
-    assert (critic_ckpt.name, state["actor_step"], state["optimizer_step"]) == ("step=0000016", 16, 32)
+    assert (critic_ckpt.name, state["actor_step"], state["optimizer_step"]) == ("step=0000032", 32, 64)
 
 
 def test_ppo_through_a_rule_reward_server_rises(tiny_policy, tmp_path):
