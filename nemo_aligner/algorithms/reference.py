@@ -75,24 +75,34 @@ def precompute_reference_logps(model_chunks, dataset, base_dataset, collate_fn, 
     mine = items[dp_rank::dp_size]
     values = torch.zeros(len(base_dataset), 2, dtype=torch.float64)
     computed = torch.zeros(len(base_dataset), dtype=torch.float64)
-    if token_budget is not None and row_length is not None:
-        chunks = token_budget_chunks([dataset[i] for i in mine], row_length, token_budget)
-    else:
-        chunks = [[dataset[i] for i in mine[j : j + micro_batch_size]] for j in range(0, len(mine), micro_batch_size)]
-    for chunk in tqdm(chunks, desc=desc, disable=not is_global_rank_zero(), dynamic_ncols=True):
+    bar = tqdm(total=len(mine), desc=desc, unit="samples", disable=not is_global_rank_zero(), dynamic_ncols=True)
+    for chunk in _micro_batches(dataset, mine, micro_batch_size, row_length, token_budget):
         batch = collate_fn(chunk)
         with reference_context(model_chunks):  # a LoRA model's reference: its adapters off
             sums = forward_only_collect(model_chunks, [batch], _reference_sums)
         if sums is not None:
             values[batch["sample_ids"]] = sums[0].view(-1, 2).double()
             computed[batch["sample_ids"]] = 1.0
+        bar.update(len(chunk))
     if dist.is_initialized():
         # Each sample is computed once, on one data-parallel rank's last pipeline stage.
         for tensor in (values, computed):
             dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
             dist.all_reduce(tensor, group=parallel_state.get_pipeline_model_parallel_group())
+    bar.close()
     values[computed == 0] = float("nan")
     base_dataset.ref_logps.copy_(values.float())
+
+
+def _micro_batches(dataset, indices, micro_batch_size, row_length, token_budget, window: int = 1024):
+    """Lists of ``dataset`` items, ``micro_batch_size`` at a time or filled to ``token_budget``;
+    items are made a window at a time, not all at once (a dataset may be large)."""
+    for w in range(0, len(indices), window):
+        items = [dataset[i] for i in indices[w : w + window]]
+        if token_budget is not None and row_length is not None:
+            yield from token_budget_chunks(items, row_length, token_budget)
+        else:
+            yield from (items[j : j + micro_batch_size] for j in range(0, len(items), micro_batch_size))
 
 
 def items_used(sampler, steps: int, start: int = 0) -> list[int]:

@@ -41,9 +41,10 @@ def forward_batch(model, batch: dict):
     if "prefix_lens" in batch:
         params.prefix_lens = batch["prefix_lens"].tolist()
     positions = contextlib.nullcontext()
-    if "prefix_lens" in batch or not uses_transformer_engine():
+    te = uses_transformer_engine()
+    if "prefix_lens" in batch or not te:
         positions = rope_at_positions(model, position_ids.reshape(-1))
-        if not uses_transformer_engine():
+        if not te:
             # RoPE reads the "padded" boundaries when they are set, and our attention does not:
             # one segment spanning the row, with a frequency row per token, is the same
             # rotation as restarting at each boundary, without Megatron's loop over segments

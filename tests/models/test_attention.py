@@ -119,3 +119,29 @@ def test_packed_thd_many_segments_prefixes_and_empty_ones_with_gradients():
     torch.testing.assert_close(packed, expected.detach(), rtol=1e-5, atol=1e-5)
     for a, b in zip(got, (q.grad, k.grad, v.grad)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_segments_of_very_different_lengths_run_in_buckets_with_the_same_result():
+    """Long and short segments (with a shared prefix) are cut into several attention calls; the
+    output is still naive attention over each segment's own sequence."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from nemo_aligner.models.attention import _cut, _PackedPlan
+
+    assert _cut([40, 40, 40]) == [(0, 3)]  # equal lengths: one call
+    assert _cut([400, 390, 4, 3]) == [(0, 2), (2, 4)]
+    attn = make(heads=2, groups=1, dim=4)
+    lengths, prefixes = [300, 3, 280, 2, 5], [0, 0, 0, 2, 0]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    assert len(_PackedPlan(cu.tolist(), prefixes, "cpu").buckets) > 1
+    t = int(cu[-1])
+    q, k, v = rand(t, 2, 4, seed=20), rand(t, 1, 4, seed=21), rand(t, 1, 4, seed=22)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=300, max_seqlen_kv=300)
+    params.prefix_lens = prefixes
+    packed = attn(q, k, v, None, packed_seq_params=params)
+    for i, (n, shared) in enumerate(zip(lengths, prefixes)):
+        start = int(cu[i])
+        keys = list(range(int(cu[i - 1]), int(cu[i - 1]) + shared)) + list(range(start, start + n))
+        row = lambda x: x[keys].unsqueeze(1)  # noqa: E731
+        torch.testing.assert_close(packed[start : start + n], reference(row(q), row(k), row(v))[shared:, 0],
+                                   rtol=1e-5, atol=1e-5)
