@@ -18,6 +18,7 @@ Config (NeMo conventions)::
 Gradient clipping comes from ``trainer.<algo>.gradient_clip_val``.
 """
 
+import functools
 import math
 
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -31,8 +32,37 @@ from nemo_aligner.utils.cpu_support import cuda_on_cpu
 SCHEDULES = {"cosineannealing": "cosine", "cosine": "cosine", "constant": "constant", "linear": "linear"}
 
 
+def _in_place_over_one_rank(collective):
+    """``collective(output, input, ..., group=, async_op=)``, except that a synchronous call
+    over a one-rank group whose output is its input (the whole buffer) does nothing: each
+    rank's shard is then the whole buffer, already reduced and already gathered. gloo would
+    still copy the buffer onto itself, a pass over every parameter and gradient each step."""
+
+    @functools.wraps(collective)
+    def call(output, input_, *args, group=None, async_op=False, **kwargs):
+        if (not async_op and group is not None and group.size() == 1 and output.data_ptr() == input_.data_ptr()
+                and output.numel() == input_.numel() and output.dtype == input_.dtype):
+            return None
+        return collective(output, input_, *args, group=group, async_op=async_op, **kwargs)
+
+    call.one_rank_in_place = True
+    return call
+
+
+def _skip_one_rank_buffer_collectives() -> None:
+    """The distributed optimizer's reduce-scatter of the gradient buffer and all-gather of
+    the parameter buffer, at one data-parallel rank (see :func:`_in_place_over_one_rank`)."""
+    from megatron.core.distributed import param_and_grad_buffer as buffers
+
+    for name in ("dist_reduce_scatter_func", "dist_all_gather_func"):
+        collective = getattr(buffers, name)
+        if not getattr(collective, "one_rank_in_place", False):
+            setattr(buffers, name, _in_place_over_one_rank(collective))
+
+
 def wrap_ddp(model, model_cfg):
     """Wrap a model chunk in Megatron's DDP (grad buffers, optional distributed optimizer)."""
+    _skip_one_rank_buffer_collectives()
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,

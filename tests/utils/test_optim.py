@@ -29,6 +29,7 @@ def three_steps(fused: bool):
         optimizer.zero_grad()
         logits = model(tokens, torch.arange(16).expand(2, -1), attention_mask=None)
         logits.float().logsumexp(-1).sum().backward()
+        model.finish_grad_sync()  # as the schedule's finalize_model_grads does
         norms.append(optimizer_step(optimizer, scheduler)[0])
     return norms, [p.detach().clone() for p in model.parameters()]
 
@@ -42,3 +43,36 @@ def test_fused_cpu_adam_takes_the_per_tensor_step(dist_world_of_one):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     initial = [p.detach() for p in build_gpt_model(TINY, 64, seed=3).parameters()]
     assert max((a - b).abs().max() for a, b in zip(fused, initial)) > 1e-3  # the weights moved
+
+
+def test_one_rank_buffer_collectives_are_skipped_and_change_nothing(dist_world_of_one, monkeypatch):
+    """At one data-parallel rank the distributed optimizer's reduce-scatter and all-gather
+    of the whole gradient / parameter buffer are skipped; the steps are bit for bit those
+    with the collectives."""
+    from megatron.core.distributed import param_and_grad_buffer as buffers
+    from nemo_aligner.utils.optim import _in_place_over_one_rank
+
+    calls = []
+
+    def spying(name):
+        real = getattr(buffers, name)
+        real = getattr(real, "__wrapped__", real)
+
+        def collective(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+        return collective
+
+    for name in ("dist_reduce_scatter_func", "dist_all_gather_func"):
+        monkeypatch.setattr(buffers, name, _in_place_over_one_rank(spying(name)))
+    skipped_norms, skipped = three_steps(True)
+    assert calls == []
+
+    for name in ("dist_reduce_scatter_func", "dist_all_gather_func"):
+        collective = spying(name)
+        collective.one_rank_in_place = True  # so that wrap_ddp leaves it unwrapped
+        monkeypatch.setattr(buffers, name, collective)
+    real_norms, real = three_steps(True)
+    assert set(calls) == {"dist_reduce_scatter_func", "dist_all_gather_func"}
+    assert skipped_norms == real_norms
+    assert all(torch.equal(a, b) for a, b in zip(skipped, real))
