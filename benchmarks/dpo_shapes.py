@@ -26,17 +26,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 
-SHAPES = {  # name: model (hidden, layers), pairs, max length, steps, batch
+SHAPES = {  # name: model (hidden, layers[, vocab]), pairs, max length, steps, batch
     "issue": dict(hidden=128, layers=2, pairs=512, max_length=96, steps=64, batch=8),
     "short-pairs": dict(hidden=256, layers=4, pairs=256, max_length=64, steps=32, batch=8),
     "long-pairs": dict(hidden=256, layers=4, pairs=128, max_length=512, steps=16, batch=8),
     "larger-model": dict(hidden=512, layers=6, pairs=128, max_length=128, steps=16, batch=8),
     "few-steps": dict(hidden=256, layers=4, pairs=64, max_length=128, steps=4, batch=8),
     "many-steps": dict(hidden=128, layers=2, pairs=1024, max_length=64, steps=128, batch=8),
+    # A Llama-2-sized vocabulary (the tokenizer uses its first 512 ids): the output layer and
+    # the log-softmax over 32000 entries cost more than the transformer.
+    "large-vocab": dict(hidden=256, layers=4, vocab=32000, pairs=128, max_length=128, steps=16, batch=8),
 }
 
 
-def make_model(out: Path, hidden: int, layers: int, seed: int = 0) -> None:
+def make_model(out: Path, hidden: int, layers: int, vocab: int = 0, seed: int = 0) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -45,7 +48,7 @@ def make_model(out: Path, hidden: int, layers: int, seed: int = 0) -> None:
     tok.save_pretrained(out)
     torch.manual_seed(seed)
     heads = max(2, hidden // 64)
-    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 8 * 8,
+    config = LlamaConfig(vocab_size=max(vocab, tok.vocab_size), hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 8 * 8,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
                          max_position_embeddings=1024, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -99,7 +102,7 @@ def main() -> None:
         shape = SHAPES[name]
         work = tempfile.mkdtemp(prefix=f"dpo_{name}_")
         model_dir = Path(work) / "model"
-        make_model(model_dir, shape["hidden"], shape["layers"])
+        make_model(model_dir, shape["hidden"], shape["layers"], shape.get("vocab", 0))
         pairs = make_pairs(tok, shape["pairs"] + shape["batch"], shape["max_length"], seed=1)
         data, val = Path(work) / "train.jsonl", Path(work) / "val.jsonl"
         data.write_text("".join(json.dumps(p) + "\n" for p in pairs[: shape["pairs"]]))
