@@ -333,6 +333,11 @@ def load_checkpoint(path, model_chunks, optimizer=None, strict=True) -> dict:
         with cuda_on_cpu():
             optimizer.load_state_dict(state["optimizer"])
         _unshare_step_counters(optimizer)
+        # The saved param groups carry torch Adam's fused/foreach choice, a speed setting,
+        # not state: a checkpoint from before the fused CPU Adam would restore the slow loop.
+        from nemo_aligner.utils.optim import fuse_torch_adam
+
+        fuse_torch_adam(optimizer)
         if same_layout:
             _restore_rng(state["rng_state"])
     return trainer_state

@@ -104,11 +104,11 @@ def build_optimizer(model_chunks, model_cfg, gradient_clip_val: float = 0.0):
     )
     with cuda_on_cpu():
         optimizer = get_megatron_optimizer(opt_config, model_chunks)
-    _fuse_torch_adam(optimizer)
+    fuse_torch_adam(optimizer)
     return optimizer
 
 
-def _fuse_torch_adam(optimizer) -> None:
+def fuse_torch_adam(optimizer) -> None:
     """Run torch's Adam as one fused kernel over all of a group's parameters on CPU.
 
     Without Apex or Transformer Engine Megatron falls back to ``torch.optim.AdamW``, which

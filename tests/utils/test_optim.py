@@ -76,3 +76,31 @@ def test_one_rank_buffer_collectives_are_skipped_and_change_nothing(dist_world_o
     assert set(calls) == {"dist_reduce_scatter_func", "dist_all_gather_func"}
     assert skipped_norms == real_norms
     assert all(torch.equal(a, b) for a, b in zip(skipped, real))
+
+
+def test_a_checkpoint_saved_before_fused_adam_resumes_fused(dist_world_of_one, tmp_path):
+    """Adam's ``fused`` flag travels in the saved param groups; a checkpoint written before
+    the fused CPU Adam (``fused: None``) must not bring the per-tensor loop back on resume."""
+    from nemo_aligner.checkpoint.distributed import load_checkpoint, save_checkpoint
+
+    def inner(optimizer):
+        return [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+    model = wrap_ddp(build_gpt_model(TINY, 64, seed=3), {})
+    optimizer = build_optimizer([model], OPTIM)
+    scheduler = build_scheduler(optimizer, OPTIM, max_steps=3)
+    model.zero_grad_buffer()
+    model(torch.randint(0, 64, (2, 16)), torch.arange(16).expand(2, -1), attention_mask=None).sum().backward()
+    model.finish_grad_sync()
+    optimizer_step(optimizer, scheduler)
+    for opt in inner(optimizer):
+        for group in opt.param_groups:
+            group["fused"], group["foreach"] = None, None  # as saved before
+    save_checkpoint(tmp_path / "ck", [model], TINY, optimizer, {"step": 1})
+
+    resumed = wrap_ddp(build_gpt_model(TINY, 64, seed=4), {})
+    resumed_optimizer = build_optimizer([resumed], OPTIM)
+    load_checkpoint(tmp_path / "ck", [resumed], resumed_optimizer)
+    assert all(group["fused"] and not group["foreach"] for opt in inner(resumed_optimizer) for group in opt.param_groups)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
