@@ -44,7 +44,7 @@ from nemo_aligner.losses.preference import (
     kto_loss,
     preference_loss,
 )
-from nemo_aligner.models.forward import forward_batch
+from nemo_aligner.models.forward import forward_batch, loss_positions
 from nemo_aligner.utils.config import cfg_get
 from nemo_aligner.utils.cpu_support import native_torch
 
@@ -187,7 +187,7 @@ class DPOTrainer(BaseTrainer):
         return super().run_global_batch(step_batch, forward_only)
 
     def forward_step(self, batch, model):
-        return forward_batch(model, batch), dpo_loss_fn(batch, self.settings)
+        return forward_batch(model, batch, logits_at=loss_positions(batch)), dpo_loss_fn(batch, self.settings)
 
     def finalize_metrics(self, sums: dict) -> dict:
         return pair_metrics(sums)
@@ -280,7 +280,7 @@ class KTOTrainer(DPOTrainer):
     algo = "kto"
 
     def forward_step(self, batch, model):
-        return forward_batch(model, batch), kto_loss_fn(batch, self.settings)
+        return forward_batch(model, batch, logits_at=loss_positions(batch)), kto_loss_fn(batch, self.settings)
 
     def finalize_metrics(self, sums: dict) -> dict:
         n = max(sums["num_samples"], 1.0)

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from nemo_aligner.data.loader import token_budget_chunks
 from nemo_aligner.models.collect import forward_only_collect
+from nemo_aligner.models.forward import loss_positions
 from nemo_aligner.models.logprobs import token_logprobs
 from nemo_aligner.models.lora import adapters_disabled, has_lora, reference_context
 from nemo_aligner.utils.distributed import is_global_rank_zero
@@ -43,13 +44,19 @@ def sequence_logps(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, tor
 
         logp_k = sum_{t in seq k} mask_t log p(label_t),     n_k = sum_{t in seq k} mask_t
 
-    ``logits``: ``[rows, s, V/tp]`` (vocab-parallel, exact under TP); ``batch`` from
+    ``logits``: ``[rows, s, V/tp]`` (vocab-parallel, exact under TP), or ``[K, V/tp]`` at
+    :func:`~nemo_aligner.models.forward.loss_positions` only (``forward_batch(...,
+    logits_at=loss_positions(batch))``); ``batch`` from
     :func:`nemo_aligner.data.preference.group_collate`. Returns two float32 ``[S]`` tensors.
     """
-    logp = token_logprobs(logits, batch["labels"].to(logits.device), inplace=True)
-    mask = batch["loss_mask"].to(logp.device, logp.dtype)
+    labels, mask, seq_ids = batch["labels"], batch["loss_mask"], batch["seq_ids"]
+    if logits.dim() == 2:
+        at = loss_positions(batch)
+        labels, mask, seq_ids = (x.reshape(-1).index_select(0, at) for x in (labels, mask, seq_ids))
+    logp = token_logprobs(logits, labels.to(logits.device), inplace=True)
+    mask = mask.to(logp.device, logp.dtype)
     n = len(batch["last_index"])
-    return sequence_sums(logp * mask, batch["seq_ids"], n), sequence_sums(mask, batch["seq_ids"], n)
+    return sequence_sums(logp * mask, seq_ids, n), sequence_sums(mask, seq_ids, n)
 
 
 def _reference_sums(logits, batch):

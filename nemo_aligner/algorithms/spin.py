@@ -43,7 +43,7 @@ from nemo_aligner.algorithms.trainer import BaseTrainer
 from nemo_aligner.data.loader import StepBatch
 from nemo_aligner.data.preference import make_sequence
 from nemo_aligner.generation.engine import SamplingParams
-from nemo_aligner.models.forward import forward_batch
+from nemo_aligner.models.forward import forward_batch, loss_positions
 from nemo_aligner.utils.config import cfg_get, cfg_int
 
 GENERATION_ROWS_LOGGED = 4
@@ -207,9 +207,10 @@ class SPINTrainer(BaseTrainer):
         return StepBatch([self.collate(chunk, pad_to=width) for chunk in chunks], width, num_samples)
 
     def forward_step(self, batch, model):
+        logits = forward_batch(model, batch, logits_at=loss_positions(batch))
         if "ref_logps" in batch:
-            return forward_batch(model, batch), dpo_loss_fn(batch, self.loss_settings)
-        return forward_batch(model, batch), sft_loss_fn(batch)  # validation: the SFT loss
+            return logits, dpo_loss_fn(batch, self.loss_settings)
+        return logits, sft_loss_fn(batch)  # validation: the SFT loss
 
     def finalize_metrics(self, sums: dict) -> dict:
         if "num_tokens" in sums:

@@ -6,16 +6,21 @@ Also the base for SteerLM's attribute-conditioned SFT, which differs only in its
 from nemo_aligner.algorithms.trainer import BaseTrainer
 from nemo_aligner.utils.config import cfg_get
 from nemo_aligner.losses.supervised import masked_token_nll
-from nemo_aligner.models.forward import forward_batch
+from nemo_aligner.models.forward import forward_batch, loss_positions
 from nemo_aligner.models.logprobs import token_logprobs
 
 
 def sft_loss_fn(batch):
-    """Loss function over the final stage's logits for one micro-batch."""
+    """Loss function over the final stage's logits for one micro-batch: ``[b, s, V/tp]``, or
+    ``[K, V/tp]`` at :func:`~nemo_aligner.models.forward.loss_positions` only."""
 
     def loss_fn(logits):
-        logprobs = token_logprobs(logits, batch["labels"], inplace=True)
-        loss_sum, num_tokens = masked_token_nll(logprobs, batch["loss_mask"])
+        labels, loss_mask = batch["labels"], batch["loss_mask"]
+        if logits.dim() == 2:
+            at = loss_positions(batch).to(labels.device)
+            labels, loss_mask = labels.reshape(-1).index_select(0, at), loss_mask.reshape(-1).index_select(0, at)
+        logprobs = token_logprobs(logits, labels, inplace=True)
+        loss_sum, num_tokens = masked_token_nll(logprobs, loss_mask)
         sums = {"loss_sum": loss_sum.detach(), "num_tokens": num_tokens.detach()}
         return loss_sum, num_tokens.int(), sums
 
@@ -28,7 +33,7 @@ class SupervisedTrainer(BaseTrainer):
     algo = "sft"
 
     def forward_step(self, batch, model):
-        return forward_batch(model, batch), sft_loss_fn(batch)
+        return forward_batch(model, batch, logits_at=loss_positions(batch)), sft_loss_fn(batch)
 
     def finalize_metrics(self, sums: dict) -> dict:
         tokens = max(sums["num_tokens"], 1.0)

@@ -17,11 +17,13 @@ def schedule_shape(batch: dict) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def forward_only_collect(model_chunks, micro_batches: list[dict], reduce_fn) -> list | None:
+def forward_only_collect(model_chunks, micro_batches: list[dict], reduce_fn, logits_at=None) -> list | None:
     """Run Megatron's forward-only schedule over ``micro_batches`` (all of one shape) and
     return ``[reduce_fn(output, batch) for each micro-batch]`` on the last pipeline stage
     (``None`` on the other stages). ``output`` is the last stage's model output (logits or
-    rewards). The chunks are put in eval mode for the pass and restored afterwards.
+    rewards); with ``logits_at(batch)`` (token indices) the logits at those tokens only (see
+    :func:`~nemo_aligner.models.forward.forward_batch`). The chunks are put in eval mode for
+    the pass and restored afterwards.
     """
     chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
     collected = []
@@ -29,7 +31,7 @@ def forward_only_collect(model_chunks, micro_batches: list[dict], reduce_fn) -> 
     def step(data_iterator, model):
         batch = next(data_iterator)
         with native_torch():
-            out = forward_batch(model, batch)
+            out = forward_batch(model, batch, logits_at=logits_at(batch) if logits_at is not None else None)
 
         def keep(output):
             with native_torch():  # called inside the schedule's CUDA-redirect mode

@@ -13,9 +13,21 @@ from nemo_aligner.models.gpt import uses_transformer_engine
 from nemo_aligner.utils.cpu_support import cuda_on_cpu, native_torch
 
 
-def forward_batch(model, batch: dict):
+def loss_positions(batch: dict) -> torch.Tensor:
+    """Flat indices, into the batch's ``rows x width`` tokens in row-major order, of the
+    tokens whose label a loss reads (``loss_mask > 0``)."""
+    return torch.nonzero(batch["loss_mask"].reshape(-1) > 0).squeeze(1)
+
+
+def forward_batch(model, batch: dict, logits_at: torch.Tensor | None = None):
     """Run ``model`` on a collated batch; returns logits ``[b, s, V/tp]`` (or hidden states
     on a non-final pipeline stage).
+
+    ``logits_at`` (flat token indices, e.g. :func:`loss_positions`): the last stage returns
+    logits ``[K, V/tp]`` at those tokens only. The output layer then runs on those tokens'
+    hidden states alone, not on every prompt token's: for a large vocabulary the output layer
+    and the log-softmax cost more than the transformer, and their ``[tokens, V]`` buffers are
+    the largest of the step.
 
     A packed batch (with ``cu_seqlens``) is flattened to one row of ``b * s`` tokens in
     Megatron's ``thd`` layout, so attention and RoPE restart at every sample boundary.
@@ -24,6 +36,54 @@ def forward_batch(model, batch: dict):
     ``packed_seq_params.prefix_lens``; RoPE positions come from ``position_ids`` (which restart
     at each segment, or continue a shared prompt).
     """
+    if logits_at is None:
+        return _forward(model, batch)
+    gpt = _language_model(model)
+    if gpt is None or not getattr(gpt, "post_process", True):
+        return _forward(model, batch)  # hidden states for the next pipeline stage
+    positions = logits_at.to(batch["tokens"].device)
+    with _output_layer_rows(gpt, positions) as selected:
+        out = _forward(model, batch)
+    out = out.reshape(-1, out.shape[-1])
+    return out if selected else out.index_select(0, positions)
+
+
+def _language_model(model):
+    """The GPT module under ``model``'s wrappers (DDP, LoRA), or None."""
+    for _ in range(8):
+        if hasattr(model, "output_layer"):
+            return model
+        model = getattr(model, "module", None)
+        if model is None:
+            return None
+    return None
+
+
+@contextlib.contextmanager
+def _output_layer_rows(gpt, positions: torch.Tensor):
+    """Within the block, ``gpt``'s output layer takes only the hidden states at ``positions``
+    (yields True), except under sequence parallelism, where each rank holds a slice of the
+    sequence, or with multi-token prediction, which reads the output layer too (yields False:
+    the caller selects from the full logits)."""
+    layer = gpt.output_layer
+    if getattr(layer, "sequence_parallel", False) or getattr(gpt, "mtp_process", False):
+        yield False
+        return
+
+    def rows(module, args, kwargs):
+        hidden = args[0]  # [s, b, h], Megatron's layout; positions index b x s row-major
+        s, b, h = hidden.shape
+        picked = hidden.transpose(0, 1).reshape(b * s, h).index_select(0, positions)
+        return (picked.unsqueeze(1), *args[1:]), kwargs
+
+    handle = layer.register_forward_pre_hook(rows, with_kwargs=True)
+    try:
+        yield True
+    finally:
+        handle.remove()
+
+
+def _forward(model, batch: dict):
     tokens, position_ids = batch["tokens"], batch["position_ids"]
     if "cu_seqlens" not in batch:
         return model(tokens, position_ids, attention_mask=None)
@@ -58,7 +118,8 @@ def forward_batch(model, batch: dict):
             attention_mask=None,
             packed_seq_params=params,
         )
-    return out.reshape(b, s, -1) if out.dim() == 3 and out.shape[0] == 1 else out
+    # (logits at selected tokens only, see forward_batch, come back as [1, K, V])
+    return out.reshape(b, s, -1) if out.dim() == 3 and out.shape[:2] == (1, b * s) else out
 
 
 @contextlib.contextmanager

@@ -47,3 +47,37 @@ def test_rope_scaling_changes_low_frequencies_only(dist_world_of_one):
     a, b = plain.rotary_pos_emb.inv_freq, scaled.rotary_pos_emb.inv_freq
     assert torch.equal(a[0], b[0])  # highest frequency untouched
     assert b[-1] == pytest.approx(a[-1] / 8.0)  # lowest frequency divided by the factor
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_logits_at_loss_positions_are_the_full_logits_there(tied, dist_world_of_one):
+    """``forward_batch(..., logits_at=)`` runs the output layer on the selected tokens' hidden
+    states only, and gives the full forward's logits (and gradients) at those tokens."""
+    from nemo_aligner.models.forward import forward_batch, loss_positions
+
+    model = build_gpt_model(dict(BASE, share_embeddings_and_output_weights=tied), 300, seed=1)
+    g = torch.Generator().manual_seed(0)
+    b, s = 3, 20
+    mask = (torch.rand(b, s, generator=g) > 0.5).long()
+    mask[1] = 0  # a row with no loss at all
+    batch = {"tokens": torch.randint(0, 300, (b, s), generator=g), "loss_mask": mask,
+             "position_ids": torch.arange(s).expand(b, -1)}
+    at = loss_positions(batch)
+    assert 0 < len(at) < b * s and torch.equal(at, mask.reshape(-1).nonzero().squeeze(1))
+    weights = torch.randn(len(at), 384, generator=g)
+
+    rows_seen = []
+    handle = model.output_layer.register_forward_hook(lambda m, args, out: rows_seen.append(out[0].shape[:2]))
+    full = forward_batch(model, batch)
+    (full.reshape(-1, 384)[at] * weights).sum().backward()
+    full_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    part = forward_batch(model, batch, logits_at=at)
+    (part * weights).sum().backward()
+    handle.remove()
+
+    assert rows_seen == [(s, b), (len(at), 1)]  # the output layer saw the selected rows only
+    assert part.shape == (len(at), 384)
+    torch.testing.assert_close(part, full.reshape(-1, 384)[at], rtol=1e-5, atol=1e-5)
+    for full_grad, p in zip(full_grads, model.parameters()):
+        torch.testing.assert_close(p.grad, full_grad, rtol=1e-4, atol=1e-6)
