@@ -33,7 +33,7 @@ class SupervisedTrainer(BaseTrainer):
     algo = "sft"
 
     def forward_step(self, batch, model):
-        return forward_batch(model, batch, logits_at=loss_positions(batch)), sft_loss_fn(batch)
+        return forward_batch(model, batch), sft_loss_fn(batch)
 
     def finalize_metrics(self, sums: dict) -> dict:
         tokens = max(sums["num_tokens"], 1.0)
