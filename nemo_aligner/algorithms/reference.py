@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from nemo_aligner.data.loader import token_budget_chunks
 from nemo_aligner.models.collect import forward_only_collect
-from nemo_aligner.models.forward import loss_positions
+from nemo_aligner.models.forward import loss_positions, rows_of_logits
 from nemo_aligner.models.logprobs import token_logprobs
 from nemo_aligner.models.lora import adapters_disabled, has_lora, reference_context
 from nemo_aligner.utils.distributed import is_global_rank_zero
@@ -49,10 +49,7 @@ def sequence_logps(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, tor
     logits_at=loss_positions(batch))``); ``batch`` from
     :func:`nemo_aligner.data.preference.group_collate`. Returns two float32 ``[S]`` tensors.
     """
-    labels, mask, seq_ids = batch["labels"], batch["loss_mask"], batch["seq_ids"]
-    if logits.dim() == 2:
-        at = loss_positions(batch)
-        labels, mask, seq_ids = (x.reshape(-1).index_select(0, at) for x in (labels, mask, seq_ids))
+    labels, mask, seq_ids = rows_of_logits(logits, batch, "labels", "loss_mask", "seq_ids")
     logp = token_logprobs(logits, labels.to(logits.device), inplace=True)
     mask = mask.to(logp.device, logp.dtype)
     n = len(batch["last_index"])
@@ -86,7 +83,7 @@ def precompute_reference_logps(model_chunks, dataset, base_dataset, collate_fn, 
     for chunk in _micro_batches(dataset, mine, micro_batch_size, row_length, token_budget):
         batch = collate_fn(chunk)
         with reference_context(model_chunks):  # a LoRA model's reference: its adapters off
-            sums = forward_only_collect(model_chunks, [batch], _reference_sums)
+            sums = forward_only_collect(model_chunks, [batch], _reference_sums, logits_at=loss_positions)
         if sums is not None:
             values[batch["sample_ids"]] = sums[0].view(-1, 2).double()
             computed[batch["sample_ids"]] = 1.0
@@ -227,7 +224,7 @@ def attach_reference_logps(reference: ReferenceWeights, model_chunks, micro_batc
 def attach_logps(model_chunks, micro_batches: list[dict]) -> None:
     """Set ``batch["ref_logps"]`` (the per-sequence log-prob sums of the current weights) on
     every micro-batch, on the last pipeline stage."""
-    sums = forward_only_collect(model_chunks, micro_batches, _reference_sums)
+    sums = forward_only_collect(model_chunks, micro_batches, _reference_sums, logits_at=loss_positions)
     if sums is not None:
         for batch, values in zip(micro_batches, sums):
             batch["ref_logps"] = values

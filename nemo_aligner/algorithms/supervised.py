@@ -6,7 +6,7 @@ Also the base for SteerLM's attribute-conditioned SFT, which differs only in its
 from nemo_aligner.algorithms.trainer import BaseTrainer
 from nemo_aligner.utils.config import cfg_get
 from nemo_aligner.losses.supervised import masked_token_nll
-from nemo_aligner.models.forward import forward_batch, loss_positions
+from nemo_aligner.models.forward import forward_batch, rows_of_logits
 from nemo_aligner.models.logprobs import token_logprobs
 
 
@@ -15,10 +15,7 @@ def sft_loss_fn(batch):
     ``[K, V/tp]`` at :func:`~nemo_aligner.models.forward.loss_positions` only."""
 
     def loss_fn(logits):
-        labels, loss_mask = batch["labels"], batch["loss_mask"]
-        if logits.dim() == 2:
-            at = loss_positions(batch).to(labels.device)
-            labels, loss_mask = labels.reshape(-1).index_select(0, at), loss_mask.reshape(-1).index_select(0, at)
+        labels, loss_mask = rows_of_logits(logits, batch, "labels", "loss_mask")
         logprobs = token_logprobs(logits, labels, inplace=True)
         loss_sum, num_tokens = masked_token_nll(logprobs, loss_mask)
         sums = {"loss_sum": loss_sum.detach(), "num_tokens": num_tokens.detach()}

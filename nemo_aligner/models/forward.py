@@ -19,6 +19,17 @@ def loss_positions(batch: dict) -> torch.Tensor:
     return torch.nonzero(batch["loss_mask"].reshape(-1) > 0).squeeze(1)
 
 
+def rows_of_logits(logits: torch.Tensor, batch: dict, *keys: str) -> list[torch.Tensor]:
+    """``batch[key]`` for each key, lined up with ``logits``' tokens: as they are for full
+    logits ``[b, s, V]``; flattened and taken at :func:`loss_positions` for logits ``[K, V]``
+    (``forward_batch(..., logits_at=loss_positions(batch))``)."""
+    values = [batch[key] for key in keys]
+    if logits.dim() != 2:
+        return values
+    at = loss_positions(batch)
+    return [value.reshape(-1).index_select(0, at) for value in values]
+
+
 def forward_batch(model, batch: dict, logits_at: torch.Tensor | None = None):
     """Run ``model`` on a collated batch; returns logits ``[b, s, V/tp]`` (or hidden states
     on a non-final pipeline stage).

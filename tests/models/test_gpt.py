@@ -81,3 +81,24 @@ def test_logits_at_loss_positions_are_the_full_logits_there(tied, dist_world_of_
     torch.testing.assert_close(part, full.reshape(-1, 384)[at], rtol=1e-5, atol=1e-5)
     for full_grad, p in zip(full_grads, model.parameters()):
         torch.testing.assert_close(p.grad, full_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_forward_only_collect_passes_logits_at(dist_world_of_one):
+    """The forward-only pass (the reference log-probs' path) takes ``logits_at`` to the output
+    layer: it sees the selected tokens only, and the reduction gets their logits."""
+    from nemo_aligner.models.collect import forward_only_collect
+    from nemo_aligner.models.forward import forward_batch, loss_positions
+
+    model = build_gpt_model(BASE, 300, seed=1)
+    g = torch.Generator().manual_seed(1)
+    batch = {"tokens": torch.randint(0, 300, (2, 12), generator=g),
+             "loss_mask": (torch.rand(2, 12, generator=g) > 0.4).long(), "position_ids": torch.arange(12).expand(2, -1)}
+    rows_seen = []
+    handle = model.output_layer.register_forward_hook(lambda m, args, out: rows_seen.append(out[0].shape[0]))
+    got = forward_only_collect([model], [batch], lambda logits, b: logits.clone(), logits_at=loss_positions)
+    handle.remove()
+    at = loss_positions(batch)
+    assert rows_seen == [len(at)] and got[0].shape == (len(at), 384)
+    with torch.no_grad():
+        full = forward_batch(model.eval(), batch)
+    torch.testing.assert_close(got[0], full.reshape(-1, 384)[at], rtol=1e-5, atol=1e-5)
