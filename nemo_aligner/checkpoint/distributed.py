@@ -39,6 +39,7 @@ from nemo_aligner.data.tokenizers import copy_tokenizer_files
 from nemo_aligner.utils.cpu_support import cuda_on_cpu
 from nemo_aligner.utils.distributed import barrier, broadcast_object, is_global_rank_zero
 from nemo_aligner.utils.errors import RunError
+from nemo_aligner.utils.lazy_dynamo import dynamo_not_imported
 
 TRAINER_STATE = "trainer_state.json"
 MODEL_CONFIG = "model_config.yaml"
@@ -212,7 +213,7 @@ def _write_checkpoint(tmp, path, model_chunks, model_cfg, optimizer, trainer_sta
     barrier()
     sharded = {"model": _model_sharded_state_dict(model_chunks)}
     if optimizer is not None:
-        with cuda_on_cpu():
+        with cuda_on_cpu(), dynamo_not_imported():
             sharded["optimizer"] = optimizer.sharded_state_dict(
                 sharded["model"], is_loading=False, metadata=OPTIM_SHARDING
             )
@@ -318,7 +319,7 @@ def load_checkpoint(path, model_chunks, optimizer=None, strict=True) -> dict:
     same_layout = trainer_state.get("layout_pp_tp_dp") == _layout()
     sharded = {"model": _model_sharded_state_dict(model_chunks)}
     if optimizer is not None:
-        with cuda_on_cpu():
+        with cuda_on_cpu(), dynamo_not_imported():
             _prepare_optimizer_for_loading(optimizer)
             sharded["optimizer"] = optimizer.sharded_state_dict(
                 sharded["model"], is_loading=True, metadata=OPTIM_SHARDING
@@ -330,7 +331,7 @@ def load_checkpoint(path, model_chunks, optimizer=None, strict=True) -> dict:
         state = dist_checkpointing.load(sharded, str(path), strict="assume_ok_unexpected")
     _load_model_state(_unwrap(model_chunks[0]), state["model"], strict)
     if optimizer is not None:
-        with cuda_on_cpu():
+        with cuda_on_cpu(), dynamo_not_imported():
             optimizer.load_state_dict(state["optimizer"])
         _unshare_step_counters(optimizer)
         # The saved param groups carry torch Adam's fused/foreach choice, a speed setting,
