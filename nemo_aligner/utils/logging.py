@@ -57,9 +57,9 @@ class MetricsLogger:
             tmp.write_text(self.config_yaml)
             os.replace(tmp, self.log_dir / "config.yaml")
         if self.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard.writer import FileWriter
 
-            self._writer = SummaryWriter(str(self.log_dir / "tensorboard"))
+            self._writer = FileWriter(str(self.log_dir / "tensorboard"))
         if self.wandb_kwargs is not None:
             import wandb
             import yaml
@@ -75,9 +75,13 @@ class MetricsLogger:
         with open(self.jsonl_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        if self._writer is not None:
-            for key, value in scalars.items():
-                self._writer.add_scalar(key, value, step)
+        if self._writer is not None and scalars:
+            # One event holding the step's scalars: an event per scalar (SummaryWriter.add_scalar)
+            # cost ~0.12 ms each, ~2 ms a step with DPO's 16 metrics.
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            values = [Summary.Value(tag=key, simple_value=float(value)) for key, value in scalars.items()]
+            self._writer.add_summary(Summary(value=values), step)
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
 
