@@ -39,7 +39,7 @@ from nemo_aligner.data.tokenizers import copy_tokenizer_files
 from nemo_aligner.utils.cpu_support import cuda_on_cpu
 from nemo_aligner.utils.distributed import barrier, broadcast_object, is_global_rank_zero
 from nemo_aligner.utils.errors import RunError
-from nemo_aligner.utils.lazy_dynamo import dynamo_not_imported
+from nemo_aligner.utils.optim import fuse_torch_adam, optimizer_calls
 
 TRAINER_STATE = "trainer_state.json"
 MODEL_CONFIG = "model_config.yaml"
@@ -213,7 +213,7 @@ def _write_checkpoint(tmp, path, model_chunks, model_cfg, optimizer, trainer_sta
     barrier()
     sharded = {"model": _model_sharded_state_dict(model_chunks)}
     if optimizer is not None:
-        with cuda_on_cpu(), dynamo_not_imported():
+        with optimizer_calls():
             sharded["optimizer"] = optimizer.sharded_state_dict(
                 sharded["model"], is_loading=False, metadata=OPTIM_SHARDING
             )
@@ -319,7 +319,7 @@ def load_checkpoint(path, model_chunks, optimizer=None, strict=True) -> dict:
     same_layout = trainer_state.get("layout_pp_tp_dp") == _layout()
     sharded = {"model": _model_sharded_state_dict(model_chunks)}
     if optimizer is not None:
-        with cuda_on_cpu(), dynamo_not_imported():
+        with optimizer_calls():
             _prepare_optimizer_for_loading(optimizer)
             sharded["optimizer"] = optimizer.sharded_state_dict(
                 sharded["model"], is_loading=True, metadata=OPTIM_SHARDING
@@ -331,13 +331,11 @@ def load_checkpoint(path, model_chunks, optimizer=None, strict=True) -> dict:
         state = dist_checkpointing.load(sharded, str(path), strict="assume_ok_unexpected")
     _load_model_state(_unwrap(model_chunks[0]), state["model"], strict)
     if optimizer is not None:
-        with cuda_on_cpu(), dynamo_not_imported():
+        with optimizer_calls():
             optimizer.load_state_dict(state["optimizer"])
         _unshare_step_counters(optimizer)
         # The saved param groups carry torch Adam's fused/foreach choice, a speed setting,
         # not state: a checkpoint from before the fused CPU Adam would restore the slow loop.
-        from nemo_aligner.utils.optim import fuse_torch_adam
-
         fuse_torch_adam(optimizer)
         if same_layout:
             _restore_rng(state["rng_state"])

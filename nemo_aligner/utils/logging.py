@@ -44,6 +44,7 @@ class MetricsLogger:
         self.config_yaml = config_yaml  # the run's resolved config, written as config.yaml
         self.wandb_kwargs = wandb_kwargs  # None: no Weights & Biases run
         self._writer = None
+        self._summary = None  # TensorBoard's Summary proto class, with the writer
         self._wandb = None
         self._opened = False
 
@@ -57,8 +58,10 @@ class MetricsLogger:
             tmp.write_text(self.config_yaml)
             os.replace(tmp, self.log_dir / "config.yaml")
         if self.tensorboard:
+            from tensorboard.compat.proto.summary_pb2 import Summary
             from torch.utils.tensorboard.writer import FileWriter
 
+            self._summary = Summary
             self._writer = FileWriter(str(self.log_dir / "tensorboard"))
         if self.wandb_kwargs is not None:
             import wandb
@@ -78,10 +81,8 @@ class MetricsLogger:
         if self._writer is not None and scalars:
             # One event holding the step's scalars: an event per scalar (SummaryWriter.add_scalar)
             # cost ~0.12 ms each, ~2 ms a step with DPO's 16 metrics.
-            from tensorboard.compat.proto.summary_pb2 import Summary
-
-            values = [Summary.Value(tag=key, simple_value=float(value)) for key, value in scalars.items()]
-            self._writer.add_summary(Summary(value=values), step)
+            values = [self._summary.Value(tag=key, simple_value=float(value)) for key, value in scalars.items()]
+            self._writer.add_summary(self._summary(value=values), step)
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
 

@@ -18,6 +18,7 @@ Config (NeMo conventions)::
 Gradient clipping comes from ``trainer.<algo>.gradient_clip_val``.
 """
 
+import contextlib
 import functools
 import math
 
@@ -29,6 +30,15 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from nemo_aligner.utils.config import cfg_get
 from nemo_aligner.utils.cpu_support import cuda_on_cpu
 from nemo_aligner.utils.lazy_dynamo import dynamo_not_imported
+
+@contextlib.contextmanager
+def optimizer_calls():
+    """Around every call into Megatron's optimizer (build, step, state save and load): its
+    CUDA scratch tensors made on CPU (:func:`cuda_on_cpu`), and torch.optim run without
+    importing TorchDynamo (:func:`dynamo_not_imported`)."""
+    with cuda_on_cpu(), dynamo_not_imported():
+        yield
+
 
 SCHEDULES = {"cosineannealing": "cosine", "cosine": "cosine", "constant": "constant", "linear": "linear"}
 
@@ -103,7 +113,7 @@ def build_optimizer(model_chunks, model_cfg, gradient_clip_val: float = 0.0):
         params_dtype=config.params_dtype,
         use_distributed_optimizer=bool(optim.get("use_distributed_optimizer", True)),
     )
-    with cuda_on_cpu(), dynamo_not_imported():
+    with optimizer_calls():
         optimizer = get_megatron_optimizer(opt_config, model_chunks)
     fuse_torch_adam(optimizer)
     return optimizer
@@ -183,7 +193,7 @@ def optimizer_step(optimizer, scheduler) -> tuple[float, float, bool]:
     ``gradient_clip_val`` with that norm and the step runs (a loss-scaled fp16 optimizer
     that finds an overflow skips the same way).
     """
-    with cuda_on_cpu(), dynamo_not_imported():
+    with optimizer_calls():
         found_inf = optimizer.prepare_grads()
         grad_norm = float("nan") if found_inf else float(optimizer.get_grad_norm())
         stepped = math.isfinite(grad_norm)
