@@ -11,10 +11,10 @@ Each input line ``{"text": prompt}`` gives an output line with the same fields p
 
 import sys
 
-import hydra
+from nemo_aligner.utils.hydra_runner import hydra_runner
 
 
-@hydra.main(config_path="../../../conf", config_name="gpt_generate", version_base="1.3")
+@hydra_runner(config_path="../../../conf", config_name="gpt_generate")
 def main(cfg) -> None:
     from nemo_aligner.checkpoint.distributed import CheckpointError
     from nemo_aligner.generation.jsonl_generate import generate_jsonl

@@ -14,7 +14,7 @@ printed (what ``model.reward_standardization`` would need to center them).
 import os
 import sys
 
-import hydra
+from nemo_aligner.utils.hydra_runner import hydra_runner
 
 
 def score(cfg) -> None:
@@ -93,7 +93,7 @@ def write_scores(path, dataset, rewards) -> None:
     write_jsonl(path, records)
 
 
-@hydra.main(config_path="../../../conf", config_name="score_reward_model", version_base="1.3")
+@hydra_runner(config_path="../../../conf", config_name="score_reward_model")
 def main(cfg) -> None:
     from nemo_aligner.checkpoint.distributed import CheckpointError
     from nemo_aligner.utils.entry import USER_ERRORS

@@ -8,12 +8,11 @@ trainer.ppo.host says otherwise; Ctrl-C or SIGTERM stops every rank. The PPO act
 through remote_critic_rm.critic.{ip, port}.
 """
 
-import hydra
-
 from nemo_aligner.utils.entry import report_user_errors
+from nemo_aligner.utils.hydra_runner import hydra_runner
 
 
-@hydra.main(config_path="../../../conf", config_name="gpt_ppo_critic", version_base="1.3")
+@hydra_runner(config_path="../../../conf", config_name="gpt_ppo_critic")
 def main(cfg) -> None:
     from nemo_aligner.servers.critic import build_critic_server
     from nemo_aligner.utils import distributed

@@ -8,12 +8,11 @@ Rank 0 serves on 127.0.0.1 unless inference.host says otherwise; Ctrl-C or SIGTE
 every rank. RL actors reach it through remote_rm.reward_model.{ip, port}.
 """
 
-import hydra
-
 from nemo_aligner.utils.entry import report_user_errors
+from nemo_aligner.utils.hydra_runner import hydra_runner
 
 
-@hydra.main(config_path="../../../conf", config_name="inference_rm", version_base="1.3")
+@hydra_runner(config_path="../../../conf", config_name="inference_rm")
 def main(cfg) -> None:
     from nemo_aligner.servers.reward_model import build_reward_server
     from nemo_aligner.utils import distributed

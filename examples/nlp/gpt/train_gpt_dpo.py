@@ -5,12 +5,11 @@
         model.tensor_model_parallel_size=2 model.pipeline_model_parallel_size=2
 """
 
-import hydra
-
 from nemo_aligner.utils.entry import exit_without_teardown, run_training
+from nemo_aligner.utils.hydra_runner import hydra_runner
 
 
-@hydra.main(config_path="../../../conf", config_name="gpt_dpo", version_base="1.3")
+@hydra_runner(config_path="../../../conf", config_name="gpt_dpo")
 def main(cfg) -> None:
     from nemo_aligner.algorithms.dpo import build_dpo_trainer
 

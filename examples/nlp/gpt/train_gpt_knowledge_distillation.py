@@ -5,12 +5,11 @@ and docs/distillation.md).
         model.data.data_prefix.train=results/topk/train.jsonl model.data.data_prefix.validation=results/topk/validation.jsonl
 """
 
-import hydra
-
 from nemo_aligner.utils.entry import exit_without_teardown, run_training
+from nemo_aligner.utils.hydra_runner import hydra_runner
 
 
-@hydra.main(config_path="../../../conf", config_name="gpt_knowledge_distillation", version_base="1.3")
+@hydra_runner(config_path="../../../conf", config_name="gpt_knowledge_distillation")
 def main(cfg) -> None:
     from nemo_aligner.algorithms.distillation import build_distillation_trainer
 

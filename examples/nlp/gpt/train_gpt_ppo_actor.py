@@ -7,12 +7,11 @@
 Under torchrun the actor takes any TP/PP/DP layout; the critic server has its own.
 """
 
-import hydra
-
 from nemo_aligner.utils.entry import exit_without_teardown, run_training
+from nemo_aligner.utils.hydra_runner import hydra_runner
 
 
-@hydra.main(config_path="../../../conf", config_name="gpt_ppo_actor", version_base="1.3")
+@hydra_runner(config_path="../../../conf", config_name="gpt_ppo_actor")
 def main(cfg) -> None:
     from nemo_aligner.algorithms.ppo import build_ppo_trainer
 

@@ -6,12 +6,11 @@ docs/reward_models.md).
         model.tensor_model_parallel_size=2 model.pipeline_model_parallel_size=2
 """
 
-import hydra
-
 from nemo_aligner.utils.entry import exit_without_teardown, run_training
+from nemo_aligner.utils.hydra_runner import hydra_runner
 
 
-@hydra.main(config_path="../../../conf", config_name="training_rm", version_base="1.3")
+@hydra_runner(config_path="../../../conf", config_name="training_rm")
 def main(cfg) -> None:
     from nemo_aligner.algorithms.reward import build_rm_trainer
 

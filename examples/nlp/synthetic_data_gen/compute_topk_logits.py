@@ -11,10 +11,10 @@ its logits; ``OUTPUT.meta.json`` holds k and the tokenizer's fingerprint. An int
 resumes by index. Options: conf/compute_topk_logits.yaml; format: nemo_aligner/data/distillation.py.
 """
 
-import hydra
+from nemo_aligner.utils.hydra_runner import hydra_runner
 
 
-@hydra.main(config_path="../../../conf", config_name="compute_topk_logits", version_base="1.3")
+@hydra_runner(config_path="../../../conf", config_name="compute_topk_logits")
 def main(cfg) -> None:
     from functools import partial
 
