@@ -31,7 +31,8 @@ class StepLoader:
     ``padding_sample(item)`` makes a filler like ``item`` that carries no loss (default:
     :func:`~nemo_aligner.data.datasets.make_padding_sample`).
     ``token_budget`` (with ``row_length``): micro-batches are the runs of samples whose row fits
-    in that many tokens, instead of ``micro_batch_size`` samples each.
+    in that many tokens, instead of ``micro_batch_size`` samples each. With ``row_length``, the
+    samples per rank need not be a multiple of ``micro_batch_size``.
     """
 
     def __init__(
@@ -47,7 +48,9 @@ class StepLoader:
         token_budget=None,
     ):
         per_rank = sampler.global_batch_size // sampler.data_parallel_size
-        if per_rank % micro_batch_size != 0:
+        # One-row micro-batches hold however many samples fit (the last one of a step may hold
+        # fewer): micro_batch_size then only sizes the budget, and need not divide the batch.
+        if row_length is None and per_rank % micro_batch_size != 0:
             raise ValueError(
                 f"global_batch_size ({sampler.global_batch_size}) / data-parallel size "
                 f"({sampler.data_parallel_size}) = {per_rank} is not a multiple of "

@@ -80,3 +80,27 @@ def test_one_row_micro_batches_fill_a_token_budget():
     # Without a row_length the budget does not apply (rows are samples, padded to the longest).
     plain = StepLoader(ds, sampler, micro_batch_size=2, collate_fn=collate, token_budget=16)
     assert plain.token_budget is None and len(next(iter(plain)).micro_batches) == 4
+
+
+def test_one_row_micro_batches_need_not_divide_the_batch():
+    """With one-row micro-batches micro_batch_size only sizes the budget: a global batch of 3
+    (or 1) at micro_batch_size 2 runs; with rows per sample it is refused, naming the key."""
+    import pytest
+
+    def row_collate(samples, pad_to):
+        merged = {k: torch.cat([s[k] for s in samples]) for k in samples[0]}
+        return sft_collate([merged], pad_id=0, pad_to=pad_to)
+
+    row_length = lambda items: sum(len(x["tokens"]) for x in items)  # noqa: E731
+    ds = ToyDataset([3, 9, 4, 5, 2, 7])
+    for gbs, chunks in ((3, [2, 1]), (1, [1])):
+        sampler = lambda: MegatronBatchSampler(6, 0, global_batch_size=gbs, data_parallel_rank=0,  # noqa: E731
+                                               data_parallel_size=1)
+        first = next(iter(sampler()))
+        for budget, expected in ((None, chunks), (64, [gbs])):
+            step = next(iter(StepLoader(ds, sampler(), micro_batch_size=2, collate_fn=row_collate,
+                                        pad_to_multiple_of=1, row_length=row_length, token_budget=budget)))
+            assert len(step.micro_batches) == len(expected) and step.num_samples == gbs == len(first)
+            assert int(sum(mb["loss_mask"].sum() for mb in step.micro_batches)) == sum(ds.lengths[i] for i in first)
+        with pytest.raises(ValueError, match=r"not a multiple of micro_batch_size \(2\); adjust model.global_batch_size"):
+            StepLoader(ds, sampler(), micro_batch_size=2, collate_fn=collate)
