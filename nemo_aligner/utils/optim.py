@@ -193,12 +193,17 @@ def optimizer_step(optimizer, scheduler) -> tuple[float, float, bool]:
     ``gradient_clip_val`` with that norm and the step runs (a loss-scaled fp16 optimizer
     that finds an overflow skips the same way).
     """
-    with optimizer_calls():
+    # Only Megatron's norm and clipping make CUDA scratch tensors and check grad.type() each
+    # step; the rest runs without the redirecting mode, which costs ~3 us on every torch call
+    # (attribute reads included), ~450 calls a step for a 2-layer model.
+    with dynamo_not_imported():
         found_inf = optimizer.prepare_grads()
-        grad_norm = float("nan") if found_inf else float(optimizer.get_grad_norm())
-        stepped = math.isfinite(grad_norm)
+        with cuda_on_cpu():
+            grad_norm = float("nan") if found_inf else float(optimizer.get_grad_norm())
+            stepped = math.isfinite(grad_norm)
+            if stepped:
+                _clip(optimizer, grad_norm)
         if stepped:
-            _clip(optimizer, grad_norm)
             stepped = bool(optimizer.step_with_ready_grads())
     if stepped:
         scheduler.step(increment=1)

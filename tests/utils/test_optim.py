@@ -104,3 +104,56 @@ def test_a_checkpoint_saved_before_fused_adam_resumes_fused(dist_world_of_one, t
     assert all(group["fused"] and not group["foreach"] for opt in inner(resumed_optimizer) for group in opt.param_groups)
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def _broad_step(optimizer, scheduler):
+    """optimizer_step as it was: every call inside the CUDA-redirecting mode."""
+    import math
+
+    from nemo_aligner.utils.optim import _clip, optimizer_calls
+
+    with optimizer_calls():
+        found_inf = optimizer.prepare_grads()
+        grad_norm = float("nan") if found_inf else float(optimizer.get_grad_norm())
+        stepped = math.isfinite(grad_norm)
+        if stepped:
+            _clip(optimizer, grad_norm)
+            stepped = bool(optimizer.step_with_ready_grads())
+    if stepped:
+        scheduler.step(increment=1)
+    return grad_norm, optimizer.param_groups[0]["lr"], stepped
+
+
+def test_the_step_outside_the_redirecting_mode_is_the_step_inside_it(dist_world_of_one):
+    """optimizer_step runs only the norm and clipping under cuda_on_cpu: at every precision,
+    with and without the distributed optimizer, Adam (and SGD without it), its steps are bit for bit those
+    run wholly inside the mode (and none of them needs CUDA)."""
+    import itertools
+
+    def run(step_fn, precision, distributed, name):
+        cfg = {"optim": {**OPTIM["optim"], "name": name, "use_distributed_optimizer": distributed}}
+        model = wrap_ddp(build_gpt_model(dict(TINY, precision=precision), 64, seed=3), cfg)
+        optimizer = build_optimizer([model], cfg, gradient_clip_val=0.5)
+        scheduler = build_scheduler(optimizer, cfg, max_steps=3)
+        tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+        out = []
+        for _ in range(3):
+            model.zero_grad_buffer()
+            optimizer.zero_grad()
+            logits = model(tokens, torch.arange(16).expand(2, -1), attention_mask=None)
+            loss = logits.float().logsumexp(-1).sum()
+            optimizer.scale_loss(loss).backward()
+            model.finish_grad_sync()
+            out.append(step_fn(optimizer, scheduler))
+        return out, [p.detach().clone() for p in model.parameters()]
+
+    for precision, distributed, name in itertools.product(("32", "bf16", "16"), (True, False), ("adam", "sgd")):
+        if distributed and name == "sgd":
+            continue  # Megatron's distributed optimizer is Adam only
+        narrow, narrow_params = run(optimizer_step, precision, distributed, name)
+        broad, broad_params = run(_broad_step, precision, distributed, name)
+        case = (precision, distributed, name)
+        assert repr(narrow) == repr(broad), case  # (NaN norms: the fp16 loss scale's first overflows)
+        # fp16 starts at a loss scale of 2**32: its first steps overflow and are skipped.
+        assert any(stepped for _, _, stepped in narrow) or precision == "16", case
+        assert all(torch.equal(a, b) for a, b in zip(narrow_params, broad_params)), case
