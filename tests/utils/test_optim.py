@@ -12,26 +12,32 @@ OPTIM = {"optim": {"name": "adamw", "lr": 1e-2, "weight_decay": 0.1, "betas": [0
                    "sched": {"name": "Constant", "warmup_steps": 0}}}
 
 
-def three_steps(fused: bool):
-    model = wrap_ddp(build_gpt_model(TINY, 64, seed=3), {})
-    optimizer = build_optimizer([model], OPTIM, gradient_clip_val=0.5)
-    inner = [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
-    assert all(group["fused"] for opt in inner for group in opt.param_groups)
+def run_steps(step_fn=optimizer_step, precision="32", optim=None, fused=True):
+    """Three steps of a tiny model; ``(step_fn's results, final parameters)``."""
+    cfg = {"optim": {**OPTIM["optim"], **(optim or {})}}
+    model = wrap_ddp(build_gpt_model(dict(TINY, precision=precision), 64, seed=3), cfg)
+    optimizer = build_optimizer([model], cfg, gradient_clip_val=0.5)
     if not fused:
-        for opt in inner:
-            for group in opt.param_groups:
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            assert all(group["fused"] for group in opt.optimizer.param_groups)
+            for group in opt.optimizer.param_groups:
                 group["fused"] = False
-    scheduler = build_scheduler(optimizer, OPTIM, max_steps=3)
+    scheduler = build_scheduler(optimizer, cfg, max_steps=3)
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
-    norms = []
+    results = []
     for _ in range(3):
         model.zero_grad_buffer()
         optimizer.zero_grad()
         logits = model(tokens, torch.arange(16).expand(2, -1), attention_mask=None)
-        logits.float().logsumexp(-1).sum().backward()
+        optimizer.scale_loss(logits.float().logsumexp(-1).sum()).backward()
         model.finish_grad_sync()  # as the schedule's finalize_model_grads does
-        norms.append(optimizer_step(optimizer, scheduler)[0])
-    return norms, [p.detach().clone() for p in model.parameters()]
+        results.append(step_fn(optimizer, scheduler))
+    return results, [p.detach().clone() for p in model.parameters()]
+
+
+def three_steps(fused: bool):
+    results, params = run_steps(fused=fused)
+    return [norm for norm, _, _ in results], params
 
 
 def test_fused_cpu_adam_takes_the_per_tensor_step(dist_world_of_one):
@@ -126,32 +132,16 @@ def _broad_step(optimizer, scheduler):
 
 def test_the_step_outside_the_redirecting_mode_is_the_step_inside_it(dist_world_of_one):
     """optimizer_step runs only the norm and clipping under cuda_on_cpu: at every precision,
-    with and without the distributed optimizer, Adam (and SGD without it), its steps are bit for bit those
-    run wholly inside the mode (and none of them needs CUDA)."""
+    with and without the distributed optimizer, Adam (and SGD without it), its steps are bit
+    for bit those run wholly inside the mode (and none of them needs CUDA)."""
     import itertools
-
-    def run(step_fn, precision, distributed, name):
-        cfg = {"optim": {**OPTIM["optim"], "name": name, "use_distributed_optimizer": distributed}}
-        model = wrap_ddp(build_gpt_model(dict(TINY, precision=precision), 64, seed=3), cfg)
-        optimizer = build_optimizer([model], cfg, gradient_clip_val=0.5)
-        scheduler = build_scheduler(optimizer, cfg, max_steps=3)
-        tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
-        out = []
-        for _ in range(3):
-            model.zero_grad_buffer()
-            optimizer.zero_grad()
-            logits = model(tokens, torch.arange(16).expand(2, -1), attention_mask=None)
-            loss = logits.float().logsumexp(-1).sum()
-            optimizer.scale_loss(loss).backward()
-            model.finish_grad_sync()
-            out.append(step_fn(optimizer, scheduler))
-        return out, [p.detach().clone() for p in model.parameters()]
 
     for precision, distributed, name in itertools.product(("32", "bf16", "16"), (True, False), ("adam", "sgd")):
         if distributed and name == "sgd":
             continue  # Megatron's distributed optimizer is Adam only
-        narrow, narrow_params = run(optimizer_step, precision, distributed, name)
-        broad, broad_params = run(_broad_step, precision, distributed, name)
+        optim = {"name": name, "use_distributed_optimizer": distributed}
+        narrow, narrow_params = run_steps(optimizer_step, precision, optim)
+        broad, broad_params = run_steps(_broad_step, precision, optim)
         case = (precision, distributed, name)
         assert repr(narrow) == repr(broad), case  # (NaN norms: the fp16 loss scale's first overflows)
         # fp16 starts at a loss scale of 2**32: its first steps overflow and are skipped.
