@@ -347,9 +347,10 @@ class BaseTrainer:
                 metrics.update(self.timers.pop())
                 if self.metrics_logger is not None:
                     self.metrics_logger.log(metrics, self.step)
-                bar.update(1)
+                # The bar redraws at most every 0.1 s (tqdm's mininterval), not at every step.
                 bar.set_postfix({k.replace("_rollouts", "").replace("/", "_").removeprefix("train_"): f"{v:.4g}"
-                                 for k, v in metrics.items() if k in self.progress_keys})
+                                 for k, v in metrics.items() if k in self.progress_keys}, refresh=False)
+                bar.update(1)
                 if (self.save_interval and self.step % self.save_interval == 0) or last or out_of_time or signum:
                     self.save()
                     saved_at = self.step
