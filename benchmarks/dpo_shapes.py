@@ -33,6 +33,8 @@ SHAPES = {  # name: model (hidden, layers[, vocab]), pairs, max length, steps, b
     "larger-model": dict(hidden=512, layers=6, pairs=128, max_length=128, steps=16, batch=8),
     "few-steps": dict(hidden=256, layers=4, pairs=64, max_length=128, steps=4, batch=8),
     "many-steps": dict(hidden=128, layers=2, pairs=1024, max_length=64, steps=128, batch=8),
+    "one-pair-steps": dict(hidden=128, layers=2, pairs=64, max_length=128, steps=64, batch=1),
+    "big-batch": dict(hidden=256, layers=4, pairs=512, max_length=128, steps=8, batch=64),
     # A Llama-2-sized vocabulary (the tokenizer uses its first 512 ids): the output layer and
     # the log-softmax over 32000 entries cost more than the transformer.
     "large-vocab": dict(hidden=256, layers=4, vocab=32000, pairs=128, max_length=128, steps=16, batch=8),
