@@ -11,10 +11,11 @@ places on CPU and nowhere else:
   ``torch.cuda.synchronize()`` a no-op (pipeline p2p calls it).
 - :func:`cuda_on_cpu` is a context manager that maps ``device="cuda"`` to CPU, makes
   ``Tensor.cuda()`` a no-op and reports CPU tensor types under their CUDA names (the
-  optimizers check ``param.type()`` and ``grad.type()`` against ``torch.cuda.*``). It intercepts every torch call while active, so callers
-  enter it only around Megatron calls that create CUDA scratch tensors (schedules,
-  DDP construction, the optimizer step), and lift it with :func:`native_torch` around the
-  model's forward inside a schedule.
+  optimizers check ``param.type()`` and ``grad.type()`` against ``torch.cuda.*``). It
+  intercepts every torch call while active (~3 us each), so callers enter it only around
+  Megatron calls that create CUDA scratch tensors (schedules, DDP construction, the
+  optimizer's build, gradient norm and clipping), and lift it with :func:`native_torch`
+  around the model's forward inside a schedule.
 
 On a CUDA machine both are no-ops.
 """

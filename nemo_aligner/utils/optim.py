@@ -31,11 +31,13 @@ from nemo_aligner.utils.config import cfg_get
 from nemo_aligner.utils.cpu_support import cuda_on_cpu
 from nemo_aligner.utils.lazy_dynamo import dynamo_not_imported
 
+
 @contextlib.contextmanager
 def optimizer_calls():
-    """Around every call into Megatron's optimizer (build, step, state save and load): its
-    CUDA scratch tensors made on CPU (:func:`cuda_on_cpu`), and torch.optim run without
-    importing TorchDynamo (:func:`dynamo_not_imported`)."""
+    """Around calls into Megatron's optimizer that may make CUDA tensors (build, state save and
+    load): those made on CPU (:func:`cuda_on_cpu`), and torch.optim run without importing
+    TorchDynamo (:func:`dynamo_not_imported`). The step (:func:`optimizer_step`) takes the two
+    apart: only its norm and clipping need the redirect."""
     with cuda_on_cpu(), dynamo_not_imported():
         yield
 
@@ -200,9 +202,9 @@ def optimizer_step(optimizer, scheduler) -> tuple[float, float, bool]:
         found_inf = optimizer.prepare_grads()
         with cuda_on_cpu():
             grad_norm = float("nan") if found_inf else float(optimizer.get_grad_norm())
-            stepped = math.isfinite(grad_norm)
-            if stepped:
+            if math.isfinite(grad_norm):
                 _clip(optimizer, grad_norm)
+        stepped = math.isfinite(grad_norm)
         if stepped:
             stepped = bool(optimizer.step_with_ready_grads())
     if stepped:
