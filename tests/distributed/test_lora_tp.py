@@ -21,4 +21,7 @@ def test_lora_tp2_equals_tp1(tmp_path):
     assert len(ref["grads"]) == 2 * 4 * 2 and ref["grads"].keys() == tp2["grads"].keys()
     for key, grad in ref["grads"].items():
         assert grad.abs().max() > 0, key  # A and B both random: every matrix gets a gradient
-        torch.testing.assert_close(tp2["grads"][key], grad, rtol=1e-4, atol=1e-6, msg=key)
+        # fp32 sums in another order: differences of a few ulps of the tensor's largest entry
+        # (seen: 4e-6 at gradients of ~4 with AVX-512 kernels), where a layout bug gives O(1).
+        atol = 1e-5 * float(grad.abs().max())
+        torch.testing.assert_close(tp2["grads"][key], grad, rtol=1e-4, atol=atol, msg=key)
