@@ -30,13 +30,12 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
 from nemo_aligner.generation.engine import GenerationOutput, SamplingParams
 from nemo_aligner.models.collect import forward_only_collect
 from nemo_aligner.models.logprobs import token_logprobs
-from nemo_aligner.utils.distributed import all_gather_data_parallel, broadcast_within_pipeline
+from nemo_aligner.utils.distributed import all_gather_data_parallel, all_gather_objects, broadcast_within_pipeline
 from nemo_aligner.utils.timers import Timers
 
 
@@ -257,8 +256,7 @@ class RolloutGenerator:
         mine = _as_lists(self.engine.generate(prompt_ids[lo:hi], params, seeds=seeds[lo:hi])) if hi > lo else _as_lists(None)
         if pp == 1:
             return mine
-        parts = [None] * pp
-        dist.all_gather_object(parts, mine, group=parallel_state.get_pipeline_model_parallel_group())
+        parts = all_gather_objects(mine, group=parallel_state.get_pipeline_model_parallel_group())
         return {key: [v for part in parts for v in part[key]] for key in mine}
 
     def _local_rollout(self, items, group_ids, out: dict) -> Rollout:

@@ -71,7 +71,7 @@ def write_topk_logits(model, dataset, collate, out_path, k: int, tokenizer, teac
     from tqdm import tqdm
 
     from nemo_aligner.models.forward import forward_batch
-    from nemo_aligner.utils.distributed import broadcast_object, is_global_rank_zero
+    from nemo_aligner.utils.distributed import all_gather_objects, broadcast_object, is_global_rank_zero
 
     out_path = Path(out_path)
     end = len(dataset) if end is None else min(int(end), len(dataset))
@@ -100,9 +100,7 @@ def write_topk_logits(model, dataset, collate, out_path, k: int, tokenizer, teac
                     "loss_mask": sample["loss_mask"].tolist(), "topk_logits": values[row, :n].tolist(),
                     "topk_token_ids": ids[row, :n].tolist(), "log_sum_exp_logits": lse[row, :n].tolist(),
                 })
-        gathered = [None] * dist.get_world_size() if dist.is_initialized() else [rows]
-        if dist.is_initialized():
-            dist.all_gather_object(gathered, rows if parallel_state.get_tensor_model_parallel_rank() == 0 else [])
+        gathered = all_gather_objects(rows if parallel_state.get_tensor_model_parallel_rank() == 0 else [])
         if is_global_rank_zero():
             lines = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
             with open(out_path, "a", encoding="utf-8") as f:

@@ -371,9 +371,7 @@ def _holders_table(model, wmap):
                 p = params[local]
                 held[name] = (tuple(p.shape), str(p.dtype).replace("torch.", ""))
     mine = (dist.get_rank(), parallel_state.get_tensor_model_parallel_rank(), held)
-    table = [None] * dist.get_world_size()
-    dist.all_gather_object(table, mine)
-    return table
+    return distributed.all_gather_objects(mine)
 
 
 def _gather_full(name, kind, table, local_params, model_cfg):

@@ -23,6 +23,7 @@ from megatron.core import parallel_state
 
 from nemo_aligner.generation.engine import GenerationError
 from nemo_aligner.models.lora import has_lora, is_adapter_key, is_merged, merged_weights
+from nemo_aligner.utils.distributed import all_gather_objects
 
 _SINGLETON_GROUPS = {}
 
@@ -120,8 +121,7 @@ class PipelineGatherCopier:
 
     def _pair(self, source) -> None:
         mine = _global_names(source)
-        held = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(held, {name: tuple(p.shape) for name, p in mine.items()}, group=self.group)
+        held = all_gather_objects({name: tuple(p.shape) for name, p in mine.items()}, group=self.group)
         ranks = dist.get_process_group_ranks(self.group)
         stage = dist.get_rank(self.group)
         plan = []

@@ -46,3 +46,40 @@ def test_resuming_from_exported_model_is_refused(model, tmp_path):
 def test_not_a_checkpoint(model, tmp_path):
     with pytest.raises(CheckpointError, match="is not a checkpoint"):
         load_checkpoint(tmp_path, [model])
+
+
+def test_one_rank_save_and_load_gather_nothing_through_gloo(dist_world_of_one, tmp_path, monkeypatch):
+    """In a world of one, saving and loading a training checkpoint (model, distributed
+    optimizer state, RNG) run their gathers in place: a gloo all-gather copies on a worker
+    thread, which then keeps an OpenMP pool and halves the speed of every later step."""
+    from torch.distributed import ProcessGroup
+
+    from nemo_aligner.utils.optim import build_optimizer, build_scheduler, optimizer_step, wrap_ddp
+
+    cfg = dict(CFG, optim={"name": "adamw", "lr": 1e-2, "use_distributed_optimizer": True,
+                           "sched": {"name": "Constant", "warmup_steps": 0}})
+    model = wrap_ddp(build_gpt_model(CFG, 100, seed=5), cfg)
+    optimizer = build_optimizer([model], cfg)
+    tokens = torch.randint(0, 100, (2, 16))
+    model(tokens, torch.arange(16).expand(2, -1), attention_mask=None).float().logsumexp(-1).sum().backward()
+    model.finish_grad_sync()
+    optimizer_step(optimizer, build_scheduler(optimizer, cfg, max_steps=1))
+    gathers = []
+    for name in ("allgather", "allgather_coalesced", "_allgather_base", "gather"):
+        original = getattr(ProcessGroup, name)
+        monkeypatch.setattr(ProcessGroup, name, lambda self, *a, _f=original, _n=name, **k: gathers.append(_n) or _f(self, *a, **k))
+    path = save_checkpoint(tmp_path / "ck", [model], cfg, optimizer, {"step": 1})
+    other = wrap_ddp(build_gpt_model(CFG, 100, seed=6), cfg)
+    other_optimizer = build_optimizer([other], cfg)
+    load_checkpoint(path, [other], optimizer=other_optimizer)
+    assert gathers == []
+    for a, b in zip(model.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+
+    def moments(opt):
+        return [state[key] for inner in opt.chained_optimizers for group in inner.optimizer.param_groups
+                for p in group["params"] for state in [inner.optimizer.state[p]] for key in ("exp_avg", "exp_avg_sq")]
+
+    assert len(moments(optimizer)) == 2 * len(list(model.parameters()))
+    for a, b in zip(moments(optimizer), moments(other_optimizer)):
+        assert a.abs().sum() > 0 and torch.equal(a, b)
