@@ -190,7 +190,7 @@ class BaseTrainer:
             values = torch.tensor(
                 [sum(float(o[k]) for o in outputs) for k in keys], dtype=torch.float64
             )
-            if dist.is_initialized():
+            if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
                 dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
             sums = dict(zip(keys, values.tolist()))
         return _pipeline_broadcast(sums)
