@@ -47,14 +47,21 @@ SCHEDULES = {"cosineannealing": "cosine", "cosine": "cosine", "constant": "const
 
 def _in_place_over_one_rank(collective):
     """``collective(output, input, ..., group=, async_op=)``, except that a synchronous call
-    over a one-rank group whose output is its input (the whole buffer) does nothing: each
-    rank's shard is then the whole buffer, already reduced and already gathered. gloo would
-    still copy the buffer onto itself, a pass over every parameter and gradient each step."""
+    over a one-rank group is done here: each rank's shard is then the whole buffer, already
+    reduced and already gathered, so the output is the input (nothing to do when it is the
+    same buffer, a copy otherwise). gloo would copy the buffer onto itself, a pass over every
+    parameter and gradient each step, and on its own worker thread, which then keeps an OpenMP
+    pool that slows every later parallel op (see ``cpu_support._one_rank_collectives``)."""
+    from torch.distributed import ReduceOp
+
+    plain = (None, ReduceOp.SUM, ReduceOp.AVG, ReduceOp.MAX, ReduceOp.MIN)
 
     @functools.wraps(collective)
     def call(output, input_, *args, group=None, async_op=False, **kwargs):
-        if (not async_op and group is not None and group.size() == 1 and output.data_ptr() == input_.data_ptr()
+        if (not async_op and not args and kwargs.get("op") in plain and group is not None and group.size() == 1
                 and output.numel() == input_.numel() and output.dtype == input_.dtype):
+            if output.data_ptr() != input_.data_ptr():
+                output.view(-1).copy_(input_.reshape(-1))
             return None
         return collective(output, input_, *args, group=group, async_op=async_op, **kwargs)
 

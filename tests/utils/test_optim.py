@@ -84,6 +84,32 @@ def test_one_rank_buffer_collectives_are_skipped_and_change_nothing(dist_world_o
     assert all(torch.equal(a, b) for a, b in zip(skipped, real))
 
 
+def test_one_rank_buffer_collectives_into_another_buffer_are_a_copy(dist_world_of_one):
+    """Over one rank, a gather or reduce-scatter from one buffer into another is a copy made
+    here, not through gloo (whose copy on its worker thread leaves an OpenMP pool behind);
+    an asynchronous call or a reduction other than sum/avg/max/min still runs the collective."""
+    import torch.distributed as dist
+
+    from nemo_aligner.utils.optim import _in_place_over_one_rank
+
+    calls = []
+
+    def collective(output, input_, *args, **kwargs):
+        calls.append(kwargs)
+
+    group = dist.new_group([0], backend="gloo")
+    wrapped = _in_place_over_one_rank(collective)
+    source = torch.randn(4, 8)
+    for op in ({}, {"op": dist.ReduceOp.SUM}, {"op": dist.ReduceOp.AVG}):
+        out = torch.empty(32)
+        assert wrapped(out, source, group=group, **op) is None
+        assert torch.equal(out, source.reshape(-1))
+    assert calls == []
+    wrapped(torch.empty(32), source, group=group, async_op=True)
+    wrapped(torch.empty(32), source, group=group, op=dist.ReduceOp.PRODUCT)
+    assert len(calls) == 2
+
+
 def test_a_checkpoint_saved_before_fused_adam_resumes_fused(dist_world_of_one, tmp_path):
     """Adam's ``fused`` flag travels in the saved param groups; a checkpoint written before
     the fused CPU Adam (``fused: None``) must not bring the per-tensor loop back on resume."""
