@@ -13,10 +13,10 @@ places on CPU and nowhere else:
   ``Tensor.cuda()`` a no-op and reports CPU tensor types under their CUDA names (the
   optimizers check ``param.type()`` and ``grad.type()`` against ``torch.cuda.*``). Inside
   it, collectives over a group of one run in place, not through gloo (see
-  :func:`_one_rank_collectives`). It intercepts every torch call while active (~3 us each), so callers enter it only around
-  Megatron calls that create CUDA scratch tensors (schedules, DDP construction, the
-  optimizer's build, gradient norm and clipping), and lift it with :func:`native_torch`
-  around the model's forward inside a schedule.
+  :func:`_one_rank_collectives`). It intercepts every torch call while active (~3 us
+  each), so callers enter it only around Megatron calls that create CUDA scratch tensors
+  (schedules, DDP construction, the optimizer's build, gradient norm and clipping), and
+  lift it with :func:`native_torch` around the model's forward inside a schedule.
 
 On a CUDA machine both are no-ops.
 """
@@ -46,7 +46,7 @@ class _CudaToCpuMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        local = _one_rank_collectives().get(func)
+        local = _LOCAL.get(func)  # filled when the mode is entered (cuda_on_cpu)
         if local is not None and local(*args, **kwargs):
             return None
         if func is torch.Tensor.cuda:
@@ -62,7 +62,23 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-_LOCAL = None
+_LOCAL: dict = {}
+_PLAIN_OPS = None
+
+
+def runs_locally(group, op=None, async_op=False) -> bool:
+    """Whether a collective over ``group`` is its own result on this rank: a synchronous call
+    over a group of one, with no reduction or a sum, average, max or min (the others, rare,
+    go to the real collective)."""
+    global _PLAIN_OPS
+    import torch.distributed as dist
+
+    if async_op or not dist.is_available() or not dist.is_initialized():
+        return False
+    if _PLAIN_OPS is None:
+        R = dist.ReduceOp
+        _PLAIN_OPS = {None, R.SUM, R.AVG, R.MAX, R.MIN}
+    return op in _PLAIN_OPS and dist.get_world_size(group) == 1
 
 
 def _one_rank_collectives() -> dict:
@@ -78,18 +94,14 @@ def _one_rank_collectives() -> dict:
     step after the first checkpoint save (the distributed optimizer gathers its state over
     the data-parallel group) took twice as long. Asynchronous calls always run for real (the
     caller waits on the work they return)."""
-    global _LOCAL
-    if _LOCAL is not None:
+    if _LOCAL:
         return _LOCAL
     import inspect
 
     import torch.distributed as dist
 
-    _LOCAL = {}
     if not dist.is_available():
         return _LOCAL
-    R = dist.ReduceOp
-    plain_ops = {R.SUM, R.AVG, R.MAX, R.MIN, R.PRODUCT, R.BAND, R.BOR, R.BXOR}  # not PREMUL_SUM
 
     def copy(dst, src):
         if dst.data_ptr() != src.data_ptr():
@@ -111,15 +123,14 @@ def _one_rank_collectives() -> dict:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             a = bound.arguments
-            if (a["async_op"] or a.get("op", R.SUM) not in plain_ops or not dist.is_initialized()
-                    or dist.get_world_size(a["group"]) != 1):
+            if not runs_locally(a["group"], a.get("op"), a["async_op"]):
                 return False
             body(a)
             return True
 
         return run
 
-    _LOCAL = {collective: in_place(collective, body) for collective, body in bodies.items()}
+    _LOCAL.update({collective: in_place(collective, body) for collective, body in bodies.items()})
     return _LOCAL
 
 
@@ -129,6 +140,7 @@ def cuda_on_cpu():
     if not needs_cpu_support():
         yield
         return
+    _one_rank_collectives()
     with _CudaToCpuMode():
         yield
 

@@ -212,11 +212,8 @@ def _run_on_first_rank(fn, group):
 def all_gather_objects(obj, group=None) -> list:
     """``[obj of rank 0 of group, obj of rank 1, ...]`` on every rank of ``group`` (the world
     by default; trusted data). A group of one (or no process group) returns ``[obj]``
-    without a collective: gloo gathers on a worker thread of its own, and a copy there large
-    enough for ATen to run it on OpenMP threads gives that thread a thread pool for the rest of
-    the process. With more pooled threads than cores, libgomp stops spin-waiting in every pool,
-    and each parallel op of the training loop then waits for its threads to wake (measured: 2x
-    slower steps on 2 cores, from the first such gather on)."""
+    without a collective: gloo's gather would copy on its worker thread, which then slows
+    every later parallel op (see ``cpu_support._one_rank_collectives``)."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return [obj]
     out = [None] * dist.get_world_size(group)

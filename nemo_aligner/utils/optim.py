@@ -28,7 +28,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from nemo_aligner.utils.config import cfg_get
-from nemo_aligner.utils.cpu_support import cuda_on_cpu
+from nemo_aligner.utils.cpu_support import cuda_on_cpu, runs_locally
 from nemo_aligner.utils.lazy_dynamo import dynamo_not_imported
 
 
@@ -46,19 +46,17 @@ SCHEDULES = {"cosineannealing": "cosine", "cosine": "cosine", "constant": "const
 
 
 def _in_place_over_one_rank(collective):
-    """``collective(output, input, ..., group=, async_op=)``, except that a synchronous call
-    over a one-rank group is done here: each rank's shard is then the whole buffer, already
-    reduced and already gathered, so the output is the input (nothing to do when it is the
-    same buffer, a copy otherwise). gloo would copy the buffer onto itself, a pass over every
-    parameter and gradient each step, and on its own worker thread, which then keeps an OpenMP
-    pool that slows every later parallel op (see ``cpu_support._one_rank_collectives``)."""
-    from torch.distributed import ReduceOp
-
-    plain = (None, ReduceOp.SUM, ReduceOp.AVG, ReduceOp.MAX, ReduceOp.MIN)
+    """``collective(output, input, ..., group=, async_op=)``, except that a call that
+    :func:`~nemo_aligner.utils.cpu_support.runs_locally` (synchronous, one rank) is done here:
+    each rank's shard is then the whole buffer, already reduced and already gathered, so the
+    output is the input (nothing to do when it is the same buffer, a copy otherwise). gloo
+    would copy the buffer onto itself each step, on a worker thread that then slows every
+    later parallel op (see ``cpu_support._one_rank_collectives``). These two collectives do
+    not reach torch function modes, so :func:`cuda_on_cpu` cannot do this for them."""
 
     @functools.wraps(collective)
     def call(output, input_, *args, group=None, async_op=False, **kwargs):
-        if (not async_op and not args and kwargs.get("op") in plain and group is not None and group.size() == 1
+        if (not args and group is not None and runs_locally(group, kwargs.get("op"), async_op)
                 and output.numel() == input_.numel() and output.dtype == input_.dtype):
             if output.data_ptr() != input_.data_ptr():
                 output.view(-1).copy_(input_.reshape(-1))
