@@ -26,6 +26,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from nemo_aligner.models import rope
 from nemo_aligner.models.attention import SDPACoreAttention
 from nemo_aligner.utils.config import cfg_get, cfg_int
 from nemo_aligner.utils.cpu_support import cuda_on_cpu
@@ -180,6 +181,7 @@ def layer_spec(config: TransformerConfig):
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization=config.normalization)
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    rope.install()
     return spec
 
 

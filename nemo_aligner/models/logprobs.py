@@ -8,6 +8,9 @@ vocabulary-slice-sized buffer.
 
     log p(y_t) = z_t[y_t] - log sum_v exp(z_t[v])
     H_t       = log Z_t - sum_v p_t[v] z_t[v]
+
+With one tensor-parallel rank there is nothing to reduce: the log-probs come from one fused
+log-softmax (:class:`_LogProbs`) and the entropy skips its all-reduces.
 """
 
 import torch
@@ -22,10 +25,39 @@ def token_logprobs(vocab_parallel_logits: torch.Tensor, target: torch.Tensor, in
     ``vocab_parallel_logits``: ``[..., V/tp]``; ``target``: ``[...]`` with global vocab ids.
     Megatron's kernel shifts float32 logits in place to save memory; unless
     ``inplace=True`` the logits are cloned first so the caller's tensor is unchanged.
+    One tensor-parallel rank: :class:`_LogProbs` (the caller's tensor is never changed).
     """
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return _LogProbs.apply(vocab_parallel_logits, target)
     if vocab_parallel_logits.dtype == torch.float32 and not inplace:
         vocab_parallel_logits = vocab_parallel_logits.clone()
     return -vocab_parallel_cross_entropy(vocab_parallel_logits, target)
+
+
+class _LogProbs(torch.autograd.Function):
+    """``log p(target)`` over the whole vocabulary (one rank): ``log_softmax(z)[target]``;
+    d/dz_v = g (1[v = target] - p_v).
+
+    Megatron's vocab-parallel kernel at one rank costs three all-reduces and a dozen ops
+    around them; this is one log-softmax and a gather. As in Megatron's, the forward keeps
+    one ``[..., V]`` float32 buffer (the softmax) and the backward writes the gradient into it.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target):
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        index = target.unsqueeze(-1)
+        picked = logp.gather(-1, index).squeeze(-1)
+        ctx.save_for_backward(logp.exp_(), index)
+        ctx.input_dtype = logits.dtype
+        return picked
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        softmax, index = ctx.saved_tensors
+        grad = grad_out.unsqueeze(-1)
+        softmax.mul_(-grad).scatter_add_(-1, index, grad)
+        return softmax.to(ctx.input_dtype), None
 
 
 class _VocabParallelEntropy(torch.autograd.Function):
@@ -33,16 +65,20 @@ class _VocabParallelEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, group):
+        reduce = dist.get_world_size(group) > 1
         z = logits.float()
         z_max = z.max(dim=-1).values
-        dist.all_reduce(z_max, op=dist.ReduceOp.MAX, group=group)
+        if reduce:
+            dist.all_reduce(z_max, op=dist.ReduceOp.MAX, group=group)
         z = z - z_max.unsqueeze(-1)
         exp_z = z.exp()
         sum_exp = exp_z.sum(dim=-1)
-        dist.all_reduce(sum_exp, group=group)
+        if reduce:
+            dist.all_reduce(sum_exp, group=group)
         p = exp_z.div_(sum_exp.unsqueeze(-1))
         p_dot_z = (p * z).sum(dim=-1)
-        dist.all_reduce(p_dot_z, group=group)
+        if reduce:
+            dist.all_reduce(p_dot_z, group=group)
         ctx.save_for_backward(p, z, p_dot_z)
         ctx.input_dtype = logits.dtype
         return sum_exp.log() - p_dot_z

@@ -15,6 +15,25 @@ def test_logprobs_equal_log_softmax_gather(dist_world_of_one):
     assert torch.equal(logits, original)  # not modified in place unless asked
 
 
+def test_logprobs_gradient_and_dtype(dist_world_of_one):
+    """d log p(y) / dz = onehot(y) - softmax(z), times the upstream gradient; bf16 logits give
+    float32 log-probs and a bf16 gradient."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 6, 13, generator=g) * 3
+    target = torch.randint(0, 13, (4, 6), generator=g)
+    weight = torch.randn(4, 6, generator=g)
+    x = logits.clone().requires_grad_(True)
+    (token_logprobs(x, target) * weight).sum().backward()
+    expected = (torch.nn.functional.one_hot(target, 13) - torch.softmax(logits, -1)) * weight.unsqueeze(-1)
+    torch.testing.assert_close(x.grad, expected, rtol=0, atol=1e-6)
+    y = logits.bfloat16().requires_grad_(True)
+    logp = token_logprobs(y, target)
+    logp.sum().backward()
+    assert logp.dtype == torch.float32 and y.grad.dtype == torch.bfloat16
+    reference = torch.log_softmax(logits.bfloat16().float(), -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(logp, reference, rtol=0, atol=1e-5)
+
+
 def test_entropy_value_and_gradient(dist_world_of_one):
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(3, 4, 9, generator=g, dtype=torch.float64)
