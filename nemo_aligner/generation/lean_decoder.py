@@ -281,7 +281,7 @@ def _rms_norm(module):
 def _norm(module):
     """The norm as a function: torch's RMSNorm / LayerNorm computed as their ``forward``
     does, any other norm module as is."""
-    if type(module) is torch.nn.RMSNorm:
+    if isinstance(module, torch.nn.RMSNorm):  # torch's or models.norm.RMSNorm (same forward)
         return _rms_norm(module)
     if type(module) is torch.nn.LayerNorm:
         F = torch.nn.functional

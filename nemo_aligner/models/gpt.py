@@ -26,8 +26,9 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from nemo_aligner.models import rope
 from nemo_aligner.models.attention import SDPACoreAttention
+from nemo_aligner.models.norm import use_fast_norms
+from nemo_aligner.models.rope import install as use_cached_rope
 from nemo_aligner.utils.config import cfg_get, cfg_int
 from nemo_aligner.utils.cpu_support import cuda_on_cpu
 
@@ -181,7 +182,7 @@ def layer_spec(config: TransformerConfig):
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization=config.normalization)
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
-    rope.install()
+    use_cached_rope()
     return spec
 
 
@@ -245,6 +246,8 @@ def build_gpt_model(cfg, vocab_size: int, pre_process=None, post_process=None, s
             seq_len_interpolation_factor=cfg_get(cfg, "seq_len_interpolation_factor", None),
             **model_kwargs,
         )
+    if not uses_transformer_engine():
+        use_fast_norms(model)
     scaling = cfg_get(cfg, "rope_scaling", None)
     if scaling and position == "rope":
         params = RopeScaling(**{k: v for k, v in dict(scaling).items() if k in RopeScaling.__dataclass_fields__})
