@@ -22,6 +22,7 @@ import contextlib
 import functools
 import math
 
+import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -96,6 +97,37 @@ def wrap_ddp(model, model_cfg):
     return ddp
 
 
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Megatron's ``local_multi_tensor_l2_norm`` (the norm of all of ``tensor_lists[0]``
+    as one vector, a ``[1]`` float32 tensor) with one foreach kernel: the fallback takes a
+    norm per tensor and reads each back to Python."""
+    norms = torch._foreach_norm(tensor_lists[0])
+    return torch.linalg.vector_norm(torch.stack(norms)).float().reshape(1), None
+
+
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """Megatron's ``local_multi_tensor_scale`` (``dst = src * scale``) with one foreach
+    kernel, in place when source and destination are the same tensors (clipping)."""
+    src, dst = tensor_lists
+    if all(a is b for a, b in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+def _foreach_grad_norm_and_clipping() -> None:
+    """Where Megatron falls back to its per-tensor loops for the gradient norm and clipping
+    (no Apex, no Transformer Engine: on CPU), use :func:`_foreach_l2_norm` and
+    :func:`_foreach_scale` (~60 small ops a step for a 2-layer model otherwise)."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    if clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = _foreach_l2_norm
+    if clip_grads.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
+        clip_grads.multi_tensor_scale_impl = _foreach_scale
+
+
 def build_optimizer(model_chunks, model_cfg, gradient_clip_val: float = 0.0):
     optim = cfg_get(model_cfg, "optim", {}) or {}
     name = str(optim.get("name", "adam")).lower()
@@ -123,6 +155,7 @@ def build_optimizer(model_chunks, model_cfg, gradient_clip_val: float = 0.0):
     with optimizer_calls():
         optimizer = get_megatron_optimizer(opt_config, model_chunks)
     fuse_torch_adam(optimizer)
+    _foreach_grad_norm_and_clipping()
     return optimizer
 
 
@@ -133,8 +166,6 @@ def fuse_torch_adam(optimizer) -> None:
     picks its per-tensor loop off CUDA: a dozen small ops per parameter per step, several
     milliseconds a step for a small model. The fused CPU kernel does the same update.
     """
-    import torch
-
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
         if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):

@@ -173,3 +173,35 @@ def test_the_step_outside_the_redirecting_mode_is_the_step_inside_it(dist_world_
         # fp16 starts at a loss scale of 2**32: its first steps overflow and are skipped.
         assert any(stepped for _, _, stepped in narrow) or precision == "16", case
         assert all(torch.equal(a, b) for a, b in zip(narrow_params, broad_params)), case
+
+
+def test_foreach_grad_norm_and_clipping_match_megatrons_fallback(dist_world_of_one):
+    """The gradient norm and clipping with one foreach kernel each give Megatron's per-tensor
+    fallback's values (norm to float32 rounding, clipped gradients bit for bit), and the
+    optimizer uses them."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    from nemo_aligner.utils.cpu_support import cuda_on_cpu
+    from nemo_aligner.utils.optim import _foreach_l2_norm, _foreach_scale
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(*shape, generator=g) * scale for shape, scale in (((7, 5), 1.0), ((3,), 40.0), ((64, 32), 0.01))]
+    ours, _ = _foreach_l2_norm(2048, None, [grads], False)
+    with cuda_on_cpu():  # the fallback returns a "cuda" tensor
+        theirs, _ = utils.local_multi_tensor_l2_norm(2048, None, [grads], False)
+    expected = torch.cat([g_.reshape(-1) for g_ in grads]).double().norm()
+    assert ours.shape == (1,) and ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), theirs.double(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(ours.double()[0], expected, rtol=1e-6, atol=0)
+
+    clipped, reference = [t.clone() for t in grads], [t.clone() for t in grads]
+    _foreach_scale(2048, None, [clipped, clipped], 0.3)
+    utils.local_multi_tensor_scale(2048, None, [reference, reference], 0.3)
+    assert all(torch.equal(a, b) for a, b in zip(clipped, reference))
+    out = [torch.empty_like(t) for t in grads]
+    _foreach_scale(2048, None, [grads, out], 0.3)
+    assert all(torch.equal(a, b) for a, b in zip(out, reference))
+
+    run_steps()  # builds an optimizer
+    assert clip_grads.l2_norm_impl is _foreach_l2_norm and clip_grads.multi_tensor_scale_impl is _foreach_scale
