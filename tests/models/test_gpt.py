@@ -17,6 +17,20 @@ def test_same_seed_same_weights_different_seed_different(dist_world_of_one):
     assert not torch.equal(a.embedding.word_embeddings.weight, c.embedding.word_embeddings.weight)
 
 
+def test_no_draw_without_initialization(dist_world_of_one, monkeypatch):
+    """initialize=False (the caller loads every weight) draws nothing even with a seed: the
+    draw reads the untouched weights first, which makes each first write of the load a
+    copy-on-write fault."""
+    import nemo_aligner.models.gpt as gpt
+
+    drawn = []
+    monkeypatch.setattr(gpt, "init_weights_layout_invariant", lambda *a: drawn.append(1))
+    build_gpt_model(BASE, vocab_size=100, seed=1, initialize=False)
+    assert not drawn
+    build_gpt_model(BASE, vocab_size=100, seed=1)
+    assert drawn == [1]
+
+
 def test_vocab_padding_and_shapes(dist_world_of_one):
     assert padded_vocab_size(300, {}) == 384
     model = build_gpt_model(BASE, 300, seed=1)
