@@ -41,22 +41,29 @@ class _LogProbs(torch.autograd.Function):
     Megatron's vocab-parallel kernel at one rank costs three all-reduces and a dozen ops
     around them; this is one log-softmax and a gather. As in Megatron's, the forward keeps
     one ``[..., V]`` float32 buffer (the softmax) and the backward writes the gradient into it.
+    A target outside ``[0, V)`` gives what Megatron's kernel gives it (its masked logit is 0
+    after the shift by ``max(z)``: ``max(z) - logsumexp(z)``, with no gradient through the
+    max), so results do not depend on the tensor-parallel layout.
     """
 
     @staticmethod
     def forward(ctx, logits, target):
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        index = target.unsqueeze(-1)
+        z = logits.float()
+        logp = torch.log_softmax(z, dim=-1)
+        valid = (target >= 0) & (target < z.shape[-1])
+        index = torch.where(valid, target, 0).unsqueeze(-1)
         picked = logp.gather(-1, index).squeeze(-1)
-        ctx.save_for_backward(logp.exp_(), index)
+        if not bool(valid.all()):
+            picked = torch.where(valid, picked, logp.detach().amax(dim=-1))
+        ctx.save_for_backward(logp.exp_(), index, valid)
         ctx.input_dtype = logits.dtype
         return picked
 
     @staticmethod
     def backward(ctx, grad_out):
-        softmax, index = ctx.saved_tensors
+        softmax, index, valid = ctx.saved_tensors
         grad = grad_out.unsqueeze(-1)
-        softmax.mul_(-grad).scatter_add_(-1, index, grad)
+        softmax.mul_(-grad).scatter_add_(-1, index, grad * valid.unsqueeze(-1))
         return softmax.to(ctx.input_dtype), None
 
 

@@ -34,6 +34,25 @@ def test_logprobs_gradient_and_dtype(dist_world_of_one):
     torch.testing.assert_close(logp, reference, rtol=0, atol=1e-5)
 
 
+def test_targets_outside_the_vocabulary_as_megatrons_kernel(dist_world_of_one):
+    """Out-of-range targets (which Megatron's vocab-parallel kernel masks to a logit of 0) give
+    the same values and gradients as that kernel, so no layout changes them."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 5, 9, generator=g) * 2
+    target = torch.randint(0, 9, (3, 5), generator=g)
+    target[0, 1], target[2, 3], target[1, 0] = -1, 9, 100
+    weight = torch.randn(3, 5, generator=g)
+    x, y = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    ours = token_logprobs(x, target)
+    theirs = -vocab_parallel_cross_entropy(y.clone(), target)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    (ours * weight).sum().backward()
+    (theirs * weight).sum().backward()
+    torch.testing.assert_close(x.grad, y.grad, rtol=0, atol=1e-6)
+
+
 def test_entropy_value_and_gradient(dist_world_of_one):
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(3, 4, 9, generator=g, dtype=torch.float64)
