@@ -182,7 +182,6 @@ def layer_spec(config: TransformerConfig):
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization=config.normalization)
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
-    use_cached_rope()
     return spec
 
 
@@ -246,7 +245,8 @@ def build_gpt_model(cfg, vocab_size: int, pre_process=None, post_process=None, s
             seq_len_interpolation_factor=cfg_get(cfg, "seq_len_interpolation_factor", None),
             **model_kwargs,
         )
-    if not uses_transformer_engine():
+    if not uses_transformer_engine():  # the local spec's RoPE and norms, with fewer ops
+        use_cached_rope()
         use_fast_norms(model)
     scaling = cfg_get(cfg, "rope_scaling", None)
     if scaling and position == "rope":

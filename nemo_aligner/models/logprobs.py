@@ -54,7 +54,7 @@ class _LogProbs(torch.autograd.Function):
         index = torch.where(valid, target, 0).unsqueeze(-1)
         picked = logp.gather(-1, index).squeeze(-1)
         if not bool(valid.all()):
-            picked = torch.where(valid, picked, logp.detach().amax(dim=-1))
+            picked = torch.where(valid, picked, logp.amax(dim=-1))
         ctx.save_for_backward(logp.exp_(), index, valid)
         ctx.input_dtype = logits.dtype
         return picked

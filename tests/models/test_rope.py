@@ -78,10 +78,11 @@ def test_tables_are_reused_and_other_cases_go_to_megatron(dist_world_of_one, mon
     assert len(calls) == 3
 
 
-def test_installed_in_the_local_layer_spec():
+def test_installed_for_models_on_the_local_spec(dist_world_of_one, monkeypatch):
     from megatron.core.transformer import attention
 
-    from nemo_aligner.models.gpt import layer_spec
+    from nemo_aligner.models.gpt import build_gpt_model
 
-    layer_spec(_config())
+    monkeypatch.setattr(attention, "apply_rotary_pos_emb", rope_utils.apply_rotary_pos_emb)
+    build_gpt_model({"num_layers": 1, "hidden_size": 32, "num_attention_heads": 4, "encoder_seq_length": 8}, 50)
     assert attention.apply_rotary_pos_emb is rope.apply_rotary_pos_emb
