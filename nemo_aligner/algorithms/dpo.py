@@ -33,6 +33,7 @@ from nemo_aligner.algorithms.reference import (
     reference_for,
     items_used,
     precompute_reference_logps,
+    reference_token_budget,
     sequence_logps,
 )
 from nemo_aligner.algorithms.trainer import BaseTrainer
@@ -311,12 +312,10 @@ def _setup_reference(trainer, settings, model, datasets, collate, micro_batch_si
         else:
             batches = sampler.steps_per_epoch if trainer.limit_val_batches is None else trainer.limit_val_batches
             items = [i for n, b in enumerate(sampler._global_batches(0, 0)) if n < batches for i in b]
-        # Forward only: no activations kept for a backward, so twice the training budget holds
-        # less memory than a training micro-batch (its logits and their gradient alone).
         budget = loaders[name].token_budget
         precompute_reference_logps(model, ds, base, collate, micro_batch_size, desc=f"reference log-probs ({name})",
                                    items=items, row_length=loaders[name].row_length,
-                                   token_budget=2 * budget if budget else None)
+                                   token_budget=reference_token_budget(budget) if budget else None)
     return None
 
 

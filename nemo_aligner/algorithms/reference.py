@@ -98,6 +98,19 @@ def precompute_reference_logps(model_chunks, dataset, base_dataset, collate_fn, 
     base_dataset.ref_logps.copy_(values.float())
 
 
+def reference_token_budget(training_budget: int, small: int = 4096) -> int:
+    """Tokens a forward-only reference micro-batch may hold, given the training one's.
+
+    Twice the training budget: with no activations kept for a backward, that holds less
+    memory than a training micro-batch (its logits and their gradient alone). A small budget
+    is raised to four times, up to ``small`` tokens: each forward costs a fixed overhead
+    (tens of ops per layer, the micro-batch's collation) that short rows do not amortize,
+    ~15% of the pass at 512 training tokens; the extra memory is then that of a few thousand
+    tokens, before the optimizer's moments exist.
+    """
+    return max(2 * training_budget, min(4 * training_budget, small))
+
+
 def _micro_batches(dataset, indices, micro_batch_size, row_length, token_budget, window: int = 1024):
     """Lists of ``dataset`` items, ``micro_batch_size`` at a time or filled to ``token_budget``;
     items are made a window at a time, not all at once (a dataset may be large)."""

@@ -104,18 +104,22 @@ class StepLoader:
 def token_budget_chunks(items: list, row_length, budget: int) -> list[list]:
     """``items`` cut, in order, into the longest runs whose ``row_length(run)`` is at most
     ``budget`` tokens (an item longer than the budget alone is a run of its own).
+    ``row_length`` must add up over items (a run's row is its items' rows back to back, as
+    :func:`~nemo_aligner.data.preference.merged_length`): each item's width is taken once.
 
     For micro-batches packed into one row: the loss is a sum over samples, so how a step is
     cut changes no result, but each micro-batch costs a fixed forward and backward overhead
     (tens of ops per layer) besides its arithmetic. Short samples fill a row of the budget
     instead of leaving it mostly empty at ``micro_batch_size`` samples.
     """
-    chunks, current = [], []
+    chunks, current, width = [], [], 0
     for item in items:
-        if current and row_length(current + [item]) > budget:
+        item_width = row_length([item])
+        if current and width + item_width > budget:
             chunks.append(current)
-            current = []
+            current, width = [], 0
         current.append(item)
+        width += item_width
     if current:
         chunks.append(current)
     return chunks

@@ -1,6 +1,7 @@
 """Forward passes of a (possibly tensor/pipeline parallel) GPT on collated batches."""
 
 import contextlib
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -133,6 +134,9 @@ def _forward(model, batch: dict):
     return out.reshape(b, s, -1) if out.dim() == 3 and out.shape[:2] == (1, b * s) else out
 
 
+_ROPES = weakref.WeakKeyDictionary()  # model -> its RotaryEmbedding modules
+
+
 @contextlib.contextmanager
 def rope_at_positions(model, position_ids: torch.Tensor):
     """Within the block, ``model``'s rotary embeddings give one frequency row per token, at
@@ -142,7 +146,9 @@ def rope_at_positions(model, position_ids: torch.Tensor):
     packed token (then it takes each segment's rows at the segment's offset), which is what
     a segment continuing a shared prompt (positions from the prompt's length) needs.
     """
-    ropes = [m for m in model.modules() if isinstance(m, RotaryEmbedding)]
+    ropes = _ROPES.get(model)
+    if ropes is None:  # a walk over every module: once per model, not at every forward
+        ropes = _ROPES[model] = [m for m in model.modules() if isinstance(m, RotaryEmbedding)]
     top = int(position_ids.max()) + 1
     for rope in ropes:
         def forward(max_seq_len, offset=0, packed_seq=False, cp_group=None, _rope=rope):

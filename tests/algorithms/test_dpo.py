@@ -13,6 +13,7 @@ from nemo_aligner.algorithms.reference import (
     ReferenceWeights,
     attach_reference_logps,
     precompute_reference_logps,
+    reference_token_budget,
     sequence_logps,
 )
 from nemo_aligner.data.preference import (
@@ -20,6 +21,8 @@ from nemo_aligner.data.preference import (
     PackedGroupDataset,
     PreferenceDataset,
     group_collate,
+    merged_length,
+    micro_batch_collate,
     padding_group,
 )
 from nemo_aligner.data.tokenizers import load_tokenizer
@@ -248,3 +251,26 @@ def test_sequence_logps_of_an_imported_hf_model_match_transformers(tmp_path, dis
                 token = logp.gather(-1, s["labels"][:, None])[:, 0]
                 want.append((token * s["loss_mask"]).sum())
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-4)
+
+
+def test_reference_budget_is_twice_the_training_one_and_four_times_a_small_one():
+    assert reference_token_budget(4096) == 8192 and reference_token_budget(3000) == 6000
+    assert reference_token_budget(2048) == 4096  # 4x would pass the small-budget ceiling
+    assert reference_token_budget(1024) == 4096 and reference_token_budget(512) == 2048
+    assert reference_token_budget(100) == 400
+    assert reference_token_budget(512, small=1536) == 1536
+
+
+def test_reference_logps_do_not_depend_on_the_token_budget(tok, pairs, dist_world_of_one):
+    """One-row micro-batches of 1 pair, of a few, or of all of them: the same sums."""
+    m = model(3)
+    coll = partial(micro_batch_collate, pad_id=tok.pad_id, share_prefix=True)
+    row = partial(merged_length, share_prefix=True)
+    widths = [row([pairs[i]]) for i in range(N)]
+    got = []
+    for budget in (1, 2 * max(widths), sum(widths)):
+        precompute_reference_logps([m], pairs, pairs, coll, micro_batch_size=1, row_length=row, token_budget=budget)
+        got.append(pairs.ref_logps.clone())
+    assert not torch.isnan(got[0]).any()
+    for other in got[1:]:
+        torch.testing.assert_close(other, got[0], rtol=1e-5, atol=1e-5)

@@ -53,6 +53,22 @@ def test_token_budget_chunks_are_the_longest_runs_that_fit_in_order():
     assert token_budget_chunks([], total, 10) == []
 
 
+def test_token_budget_chunks_measure_each_item_once():
+    """A run's width is the sum of its items' (linear in the items: a refilled run used to
+    be measured again with every item added)."""
+    from nemo_aligner.data.loader import token_budget_chunks
+
+    calls = []
+
+    def width(run):
+        calls.append(len(run))
+        return sum(run)
+
+    items = [1] * 200
+    assert [len(c) for c in token_budget_chunks(items, width, 64)] == [64, 64, 64, 8]
+    assert calls == [1] * 200
+
+
 def test_one_row_micro_batches_fill_a_token_budget():
     """With a row_length (one-row micro-batches) and a token budget, a step's samples are cut
     into the fewest in-order runs that fit; every sample is in exactly one micro-batch."""
