@@ -53,8 +53,12 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from nemo_aligner.generation import cpu_kernels
 from nemo_aligner.models.attention import SDPACoreAttention
+from nemo_aligner.models.linear import ColumnLinear, RowLinear
 from nemo_aligner.models.lora import adapters
 
+
+# Our plain-map linears (models/linear.py) hold the same weights as the Megatron classes.
+_AS_MEGATRON = {ColumnLinear: ColumnParallelLinear, RowLinear: RowParallelLinear}
 
 def unsupported_reason(model) -> str | None:
     """Why the lean decoder cannot run ``model`` (``None`` when it can)."""
@@ -95,7 +99,7 @@ def unsupported_reason(model) -> str | None:
             (layer.cross_attention, IdentityOp),
         )
         for module, expected in checks:
-            if type(module) is not expected:
+            if _AS_MEGATRON.get(type(module), type(module)) is not expected:
                 return f"layer module {type(module).__name__} (the lean decoder knows {expected.__name__})"
         if attn.config.num_query_groups < attn.world_size:
             return "fewer query groups than tensor-parallel ranks"
