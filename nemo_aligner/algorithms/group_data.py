@@ -166,7 +166,8 @@ def group_loaders(cfg, model_cfg, train_ds, val_ds, pad_id: int):
             len(ds), 0, gbs, dp_rank, dp_size, drop_last=drop_last, shuffle=shuffle, seed=seed
         )
         return StepLoader(ds, sampler, mbs, collate, pad_to_multiple_of=multiple, sample_length=group_length,
-                          padding_sample=padding_group, row_length=row_length, token_budget=budget)
+                          padding_sample=padding_group, row_length=row_length, token_budget=budget,
+                          uniform_width=setup.uniform_micro_batch_width())
 
     train = loader(train_ds, bool(data.get("shuffle", True)), bool(data.get("drop_last", True)))
     val = loader(val_ds, False, False) if val_ds is not None else None

@@ -108,7 +108,8 @@ def token_loaders(cfg, model_cfg, train_ds, val_ds, collate):
         sampler = MegatronBatchSampler(
             len(ds), 0, gbs, dp_rank, dp_size, drop_last=drop_last, shuffle=shuffle, seed=seed
         )
-        return StepLoader(ds, sampler, mbs, collate, pad_to_multiple_of=multiple)
+        return StepLoader(ds, sampler, mbs, collate, pad_to_multiple_of=multiple,
+                          uniform_width=setup.uniform_micro_batch_width())
 
     train_loader = loader(train_ds, bool(data.get("shuffle", True)), bool(data.get("drop_last", True)))
     val_loader = loader(val_ds, False, False) if val_ds is not None else None

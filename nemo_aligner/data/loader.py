@@ -2,9 +2,12 @@
 
 Each step, this data-parallel rank owns ``global_batch_size / dp`` samples, cut into
 ``micro_batch_size`` pieces (or, for micro-batches packed into one row, runs of samples that
-fit in a token budget: :func:`token_budget_chunks`). Every micro-batch of a step is padded to the same length
-(the longest sample of the step, rounded up to ``pad_to_multiple_of``), because pipeline
-stages exchange activations of one fixed shape per step. A final partial batch is topped
+fit in a token budget: :func:`token_budget_chunks`). With pipeline parallelism every micro-batch of a step
+is padded to the same length (the longest sample of the step, rounded up to
+``pad_to_multiple_of``), because pipeline stages exchange activations of one fixed shape per
+step; without it (``uniform_width=False``) each micro-batch is padded to its own longest
+sample only: a short last micro-batch of a step does not pay for the step's widest row (its
+padding goes through every layer, attention included). A final partial batch is topped
 up with padding samples whose loss mask is zero, so every rank runs the same number of
 micro-batches and the loss (a sum over real tokens) is unchanged.
 """
@@ -16,8 +19,8 @@ from nemo_aligner.data.datasets import make_padding_sample
 
 @dataclass
 class StepBatch:
-    micro_batches: list  # collated dicts, all padded to `seq_length`
-    seq_length: int
+    micro_batches: list  # collated dicts, padded to `seq_length` (or each to its own width)
+    seq_length: int  # the widest micro-batch's width
     num_samples: int  # real samples on this rank (the rest are padding)
 
 
@@ -33,6 +36,8 @@ class StepLoader:
     ``token_budget`` (with ``row_length``): micro-batches are the runs of samples whose row fits
     in that many tokens, instead of ``micro_batch_size`` samples each. With ``row_length``, the
     samples per rank need not be a multiple of ``micro_batch_size``.
+    ``uniform_width``: every micro-batch of a step padded to the step's widest (pipeline
+    parallelism needs it); otherwise each to its own widest (see the module docstring).
     """
 
     def __init__(
@@ -46,6 +51,7 @@ class StepLoader:
         padding_sample=make_padding_sample,
         row_length=None,
         token_budget=None,
+        uniform_width: bool = True,
     ):
         per_rank = sampler.global_batch_size // sampler.data_parallel_size
         # One-row micro-batches hold however many samples fit (the last one of a step may hold
@@ -66,6 +72,7 @@ class StepLoader:
         self.padding_sample = padding_sample
         self.row_length = row_length
         self.token_budget = token_budget if row_length is not None else None
+        self.uniform_width = uniform_width
 
     def make_step(self, indices) -> StepBatch:
         items = [self.dataset[i] for i in indices]
@@ -74,13 +81,15 @@ class StepLoader:
         items += [self.padding_sample(template) for _ in range(self.per_rank - num_real)]
         chunks = self.chunks(items)
         if self.row_length is not None:
-            longest = max(self.row_length(chunk) for chunk in chunks)
+            widths = [self.row_length(chunk) for chunk in chunks]
         else:
-            longest = max(self.sample_length(item) for item in items)
+            widths = [max(self.sample_length(item) for item in chunk) for chunk in chunks]
+        if self.uniform_width:
+            widths = [max(widths)] * len(widths)
         m = self.pad_to_multiple_of
-        seq_length = -(-longest // m) * m
-        micro = [self.collate_fn(chunk, pad_to=seq_length) for chunk in chunks]
-        return StepBatch(micro_batches=micro, seq_length=seq_length, num_samples=num_real)
+        widths = [-(-w // m) * m for w in widths]
+        micro = [self.collate_fn(chunk, pad_to=w) for chunk, w in zip(chunks, widths)]
+        return StepBatch(micro_batches=micro, seq_length=max(widths), num_samples=num_real)
 
     def chunks(self, items: list) -> list[list]:
         """``items`` cut into micro-batches, in order."""

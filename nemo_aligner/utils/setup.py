@@ -315,6 +315,12 @@ def data_parallel_info():
     return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
 
 
+def uniform_micro_batch_width() -> bool:
+    """Whether a step's micro-batches must share one width: pipeline stages exchange
+    activations of one shape per step (see :class:`~nemo_aligner.data.loader.StepLoader`)."""
+    return parallel_state.get_pipeline_model_parallel_world_size() > 1
+
+
 def model_from_checkpoint(path):
     """This rank's GPT chunk with the weights of checkpoint ``path`` (a LoRA checkpoint's merged
     into its base model), at the current layout.

@@ -69,16 +69,22 @@ def test_token_budget_chunks_measure_each_item_once():
     assert calls == [1] * 200
 
 
+def _row_collate(samples, pad_to):
+    """One-row micro-batches: the samples back to back."""
+    merged = {k: torch.cat([s[k] for s in samples]) for k in samples[0]}
+    return sft_collate([merged], pad_id=0, pad_to=pad_to)
+
+
+def _row_length(items):
+    return sum(len(x["tokens"]) for x in items)
+
+
 def test_one_row_micro_batches_fill_a_token_budget():
     """With a row_length (one-row micro-batches) and a token budget, a step's samples are cut
     into the fewest in-order runs that fit; every sample is in exactly one micro-batch."""
     from nemo_aligner.data.loader import token_budget_chunks
 
-    def row_collate(samples, pad_to):
-        merged = {k: torch.cat([s[k] for s in samples]) for k in samples[0]}
-        return sft_collate([merged], pad_id=0, pad_to=pad_to)
-
-    row_length = lambda items: sum(len(x["tokens"]) for x in items)  # noqa: E731
+    row_collate, row_length = _row_collate, _row_length
     ds = ToyDataset([3, 9, 4, 5, 2, 7, 1, 6])
     sampler = MegatronBatchSampler(8, 0, global_batch_size=8, data_parallel_rank=0, data_parallel_size=1)
     fixed = StepLoader(ds, sampler, micro_batch_size=2, collate_fn=row_collate, pad_to_multiple_of=1,
@@ -96,6 +102,27 @@ def test_one_row_micro_batches_fill_a_token_budget():
     # Without a row_length the budget does not apply (rows are samples, padded to the longest).
     plain = StepLoader(ds, sampler, micro_batch_size=2, collate_fn=collate, token_budget=16)
     assert plain.token_budget is None and len(next(iter(plain)).micro_batches) == 4
+
+
+def test_micro_batches_keep_their_own_width_without_pipeline_parallelism():
+    """``uniform_width=False``: each micro-batch padded to its own longest (rounded up), not
+    to the step's; the same samples in the same micro-batches."""
+    ds = ToyDataset([3, 9, 4, 5, 2, 7, 1, 6])
+    sampler = MegatronBatchSampler(8, 0, global_batch_size=8, data_parallel_rank=0, data_parallel_size=1)
+    common = dict(micro_batch_size=2, collate_fn=_row_collate, pad_to_multiple_of=4, row_length=_row_length,
+                  token_budget=16)
+    uniform = next(iter(StepLoader(ds, sampler, **common)))
+    own = next(iter(StepLoader(ds, sampler, uniform_width=False, **common)))
+    assert [mb["tokens"].shape[1] for mb in uniform.micro_batches] == [16, 16, 16]
+    assert [mb["tokens"].shape[1] for mb in own.micro_batches] == [16, 16, 8]  # 16, 15, 6 tokens
+    assert uniform.seq_length == own.seq_length == 16
+    for a, b in zip(uniform.micro_batches, own.micro_batches):
+        width = b["tokens"].shape[1]
+        for key in ("tokens", "labels", "loss_mask", "position_ids"):
+            assert torch.equal(a[key][:, :width], b[key]) and not a["loss_mask"][:, width:].any()
+    # Rows of samples (no row_length): each micro-batch as wide as its longest sample.
+    rows = StepLoader(ds, sampler, micro_batch_size=2, collate_fn=collate, pad_to_multiple_of=1, uniform_width=False)
+    assert [mb["tokens"].shape[1] for mb in next(iter(rows)).micro_batches] == [9, 5, 7, 6]
 
 
 def test_one_row_micro_batches_need_not_divide_the_batch():
