@@ -54,11 +54,13 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from nemo_aligner.generation import cpu_kernels
 from nemo_aligner.models.attention import SDPACoreAttention
 from nemo_aligner.models.linear import ColumnLinear, RowLinear
+from nemo_aligner.models.mlp import SwiGLUMLP
 from nemo_aligner.models.lora import adapters
 
 
-# Our plain-map linears (models/linear.py) hold the same weights as the Megatron classes.
-_AS_MEGATRON = {ColumnLinear: ColumnParallelLinear, RowLinear: RowParallelLinear}
+# Our subclasses (models/linear.py, models/mlp.py) hold the same weights as Megatron's classes.
+_AS_MEGATRON = {ColumnLinear: ColumnParallelLinear, RowLinear: RowParallelLinear, SwiGLUMLP: MLP}
+
 
 def unsupported_reason(model) -> str | None:
     """Why the lean decoder cannot run ``model`` (``None`` when it can)."""

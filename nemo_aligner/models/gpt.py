@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_aligner.models.attention import SDPACoreAttention
 from nemo_aligner.models.linear import use_plain_linears
+from nemo_aligner.models.mlp import use_swiglu_mlps
 from nemo_aligner.models.norm import use_fast_norms
 from nemo_aligner.models.rope import install as use_cached_rope
 from nemo_aligner.utils.config import cfg_get, cfg_int
@@ -246,10 +247,11 @@ def build_gpt_model(cfg, vocab_size: int, pre_process=None, post_process=None, s
             seq_len_interpolation_factor=cfg_get(cfg, "seq_len_interpolation_factor", None),
             **model_kwargs,
         )
-    if not uses_transformer_engine():  # the local spec's RoPE, norms and linears, with fewer ops
+    if not uses_transformer_engine():  # the local spec's RoPE, norms, linears and SwiGLU, with fewer ops
         use_cached_rope()
         use_fast_norms(model)
         use_plain_linears(model)
+        use_swiglu_mlps(model)
     scaling = cfg_get(cfg, "rope_scaling", None)
     if scaling and position == "rope":
         params = RopeScaling(**{k: v for k, v in dict(scaling).items() if k in RopeScaling.__dataclass_fields__})
