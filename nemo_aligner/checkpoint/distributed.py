@@ -20,7 +20,6 @@ import json
 import math
 import os
 import pickle
-import queue
 import random
 import re
 import shutil
@@ -35,6 +34,7 @@ from omegaconf import OmegaConf
 
 from nemo_aligner.checkpoint.output import check_output_dir, replace_dir
 from nemo_aligner.checkpoint.verify import install_safe_object_loading, verify_checkpoint
+from nemo_aligner.checkpoint.writers import use_in_process_writers
 from nemo_aligner.data.tokenizers import copy_tokenizer_files
 from nemo_aligner.utils.cpu_support import cuda_on_cpu
 from nemo_aligner.utils.distributed import barrier, broadcast_object, is_global_rank_zero
@@ -131,17 +131,6 @@ def _restore_rng(state) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _in_process_write_results() -> None:
-    """Saves run synchronously in this process, so the writer's results can travel through a
-    plain in-process queue. Megatron's default is a queue behind a ``multiprocessing``
-    manager started with the spawn method: ~2.4 s at the first save of every process, and a
-    ~300 MB server process that outlives a killed run."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
-
-
 def check_finite(model_chunks, where) -> None:
     """Raise :class:`NonFiniteWeightsError` (on every rank) when any rank holds a NaN or
     infinite parameter; collective."""
@@ -222,7 +211,7 @@ def _write_checkpoint(tmp, path, model_chunks, model_cfg, optimizer, trainer_sta
         if name in sharded:
             raise ValueError(f"extra checkpoint state may not be named {name!r}")
         sharded[name] = part
-    _in_process_write_results()
+    use_in_process_writers()
     with cuda_on_cpu():
         dist_checkpointing.save(sharded, str(tmp))
     if is_global_rank_zero():
