@@ -6,6 +6,12 @@ import sys
 from helpers import ROOT
 
 
+def _prints_ok(code, *args):
+    out = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ok"
+
+
 def test_import_defers_torch_compile_and_restores_it():
     code = (
         "import sys, torch; real = torch.compile\n"
@@ -16,9 +22,7 @@ def test_import_defers_torch_compile_and_restores_it():
         "assert jit.jit_fuser is not real  # Megatron kept the deferred wrapper for its fusions\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "ok"
+    _prints_ok(code)
 
 
 def test_import_runs_no_collection_and_freezes_what_it_made():
@@ -40,6 +44,18 @@ def test_import_runs_no_collection_and_freezes_what_it_made():
         "print('ok')\n"
     )
     for state in ("on", "off"):
-        out = subprocess.run([sys.executable, "-c", code, state], cwd=ROOT, capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr[-2000:]
-        assert out.stdout.strip() == "ok"
+        _prints_ok(code, state)
+
+
+def test_jinja_is_imported_only_for_a_chat_template():
+    """Jinja (~16 ms of start-up) loads when a chat template is compiled, not with the package."""
+    code = (
+        "import sys\n"
+        "import nemo_aligner.algorithms.supervised, nemo_aligner.algorithms.dpo\n"
+        "assert 'jinja2' not in sys.modules, 'Jinja was imported at start-up'\n"
+        "from nemo_aligner.data.chat_template import ChatTemplate\n"
+        "t = ChatTemplate(\"{% for m in messages %}{% generation %}[{{ m['content'] }}]{% endgeneration %}{% endfor %}\")\n"
+        "assert 'jinja2' in sys.modules and t.render([{'role': 'user', 'content': 'hi'}]) == '[hi]'\n"
+        "print('ok')\n"
+    )
+    _prints_ok(code)
