@@ -46,9 +46,23 @@ def test_runs_killed_at_random_points_end_like_the_uninterrupted_run(tmp_path):
 
     from helpers import ROOT, _env
 
+    # The uninterrupted run, timed from its first metrics row to its exit: the kills' random
+    # delays scale with it (a fixed window let a faster build finish the run after four kills).
     straight = tmp_path / "straight"
-    assert own_process(command(straight)).returncode == 0
+    proc = subprocess.Popen(command(straight), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        while proc.poll() is None and not (straight / "metrics.jsonl").exists():
+            time.sleep(0.02)
+        first_row = time.monotonic()
+        assert proc.wait(timeout=300) == 0
+        training = time.monotonic() - first_row
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     expected = read_metrics(straight)[-1]
+    window = max(2 * training / KILLS, 0.05)  # KILLS delays of window / 2 on average: the whole run
 
     log_dir = tmp_path / "killed"
     rng = random.Random(0)
@@ -63,7 +77,7 @@ def test_runs_killed_at_random_points_end_like_the_uninterrupted_run(tmp_path):
         while proc.poll() is None and (not metrics.exists() or metrics.read_text().count("\n") <= started):
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.6))
+        time.sleep(rng.uniform(0.0, window))
         if proc.poll() is not None:  # it finished before the kill: the run is complete
             break
         os.killpg(proc.pid, signal.SIGKILL)
