@@ -54,8 +54,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from nemo_aligner.generation import cpu_kernels
 from nemo_aligner.models.attention import SDPACoreAttention
 from nemo_aligner.models.linear import ColumnLinear, RowLinear
-from nemo_aligner.models.mlp import SwiGLUMLP
 from nemo_aligner.models.lora import adapters
+from nemo_aligner.models.mlp import SwiGLUMLP
 
 
 # Our subclasses (models/linear.py, models/mlp.py) hold the same weights as Megatron's classes.
