@@ -194,6 +194,13 @@ def test_foreach_grad_norm_and_clipping_match_megatrons_fallback(dist_world_of_o
     assert ours.shape == (1,) and ours.dtype == torch.float32
     torch.testing.assert_close(ours.double(), theirs.double(), rtol=1e-6, atol=0)
     torch.testing.assert_close(ours.double()[0], expected, rtol=1e-6, atol=0)
+    # a large gradient: BLAS's dot sums to ~1e-7 of float64's answer (torch's CPU norm, the
+    # foreach kernel, is ~2e-5 off here)
+    large = torch.randn(1_441_792, generator=g)
+    ours, _ = _foreach_l2_norm(2048, None, [[large, grads[1]]], False)
+    expected = torch.cat([large, grads[1]]).double().norm()
+    torch.testing.assert_close(ours.double()[0], expected, rtol=1e-6, atol=0)
+    assert _foreach_l2_norm(2048, None, [[]], False)[0].tolist() == [0.0]
 
     clipped, reference = [t.clone() for t in grads], [t.clone() for t in grads]
     _foreach_scale(2048, None, [clipped, clipped], 0.3)
