@@ -127,3 +127,38 @@ def test_gpt_models_use_them_and_train_the_same(dist_world_of_one):
     for m in linears:
         m.__class__ = ColumnParallelLinear if type(m) is ColumnLinear else RowParallelLinear
     _same(ours, grads())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_weight_gradients_go_into_ddp_main_grad(dist_world_of_one, monkeypatch, tied):
+    """Under Megatron's DDP each linear weight's gradient is accumulated into its ``main_grad``
+    by the product itself (flagged for DDP's hook), over two micro-batches, to the values of
+    torch's own backward plus DDP's hook; a tied embedding (the output layer's weight passed
+    in) keeps both its gradients."""
+    from nemo_aligner.models import linear
+    from nemo_aligner.models.gpt import build_gpt_model
+    from nemo_aligner.utils.optim import wrap_ddp
+
+    cfg = dict(CFG, share_embeddings_and_output_weights=tied)
+    ddp = wrap_ddp(build_gpt_model(cfg, vocab_size=50, seed=1), cfg)
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randint(0, 50, (2, 12), generator=g) for _ in range(2)]
+    positions = torch.arange(12).expand(2, -1)
+
+    def main_grads():
+        ddp.zero_grad_buffer()
+        for tokens in batches:
+            ddp(tokens, positions, attention_mask=None).float().logsumexp(-1).sum().backward()
+        return {n: p.main_grad.clone() for n, p in ddp.module.named_parameters()}
+
+    fused = main_grads()
+    flagged = {n for n, p in ddp.module.named_parameters() if p.grad_added_to_main_grad}
+    own_weights = {f"{n}.weight" for n, m in ddp.module.named_modules()
+                   if type(m) in (ColumnLinear, RowLinear) and m.weight is not None}
+    assert flagged == own_weights
+    assert len(flagged) == 2 * 4 + (0 if tied else 1)
+    monkeypatch.setattr(linear, "_into_main_grad", lambda weight: False)
+    unfused = main_grads()
+    assert fused.keys() == unfused.keys() and all(p.abs().sum() > 0 for p in unfused.values())
+    for name in fused:
+        torch.testing.assert_close(fused[name], unfused[name], rtol=1e-5, atol=1e-6, msg=name)
