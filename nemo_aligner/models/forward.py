@@ -39,7 +39,8 @@ def forward_batch(model, batch: dict, logits_at: torch.Tensor | None = None):
     logits ``[K, V/tp]`` at those tokens only. The output layer then runs on those tokens'
     hidden states alone, not on every prompt token's: for a large vocabulary the output layer
     and the log-softmax cost more than the transformer, and their ``[tokens, V]`` buffers are
-    the largest of the step.
+    the largest of the step. Where it can (:func:`_last_layer_rows`), the last transformer
+    layer already works on those tokens alone after its attention.
 
     A packed batch (with ``cu_seqlens``) is flattened to one row of ``b * s`` tokens in
     Megatron's ``thd`` layout, so attention and RoPE restart at every sample boundary.
@@ -71,6 +72,13 @@ def _language_model(model):
     return None
 
 
+def _pick(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rows ``positions`` (indices into ``b x s`` row-major) of ``x`` ``[s, b, ...]``, as
+    ``[K, 1, ...]`` (Megatron's layout, one sequence of the K tokens)."""
+    s, b = x.shape[:2]
+    return x.transpose(0, 1).reshape(b * s, *x.shape[2:]).index_select(0, positions).unsqueeze(1)
+
+
 @contextlib.contextmanager
 def _output_layer_rows(gpt, positions: torch.Tensor):
     """Within the block, ``gpt``'s output layer takes only the hidden states at ``positions``
@@ -81,18 +89,73 @@ def _output_layer_rows(gpt, positions: torch.Tensor):
     if getattr(layer, "sequence_parallel", False) or getattr(gpt, "mtp_process", False):
         yield False
         return
+    with _last_layer_rows(gpt, positions) as selected:
+        if selected:
+            yield True
+            return
 
     def rows(module, args, kwargs):
-        hidden = args[0]  # [s, b, h], Megatron's layout; positions index b x s row-major
-        s, b, h = hidden.shape
-        picked = hidden.transpose(0, 1).reshape(b * s, h).index_select(0, positions)
-        return (picked.unsqueeze(1), *args[1:]), kwargs
+        return (_pick(args[0], positions), *args[1:]), kwargs
 
     handle = layer.register_forward_pre_hook(rows, with_kwargs=True)
     try:
         yield True
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def _last_layer_rows(gpt, positions: torch.Tensor):
+    """Within the block, ``gpt``'s last transformer layer keeps only the tokens at
+    ``positions`` from its attention output projection on (yields True; False where it
+    cannot, and nothing changes).
+
+    A token's output from the last layer feeds nothing but its own logits: the other tokens
+    need only its keys and values, made before. So the attention output projection, the
+    residual add, the MLP and the final norm run on the K loss tokens, not on every prompt
+    token (forward and backward): a DPO pair's prompt is a quarter of its tokens, and the
+    last layer of four is a quarter of the transformer's work. The output layer then gets
+    the K rows as they are.
+
+    Only for the plain decoder layer of the local spec (self-attention, a bias-dropout-add
+    function, no cross-attention, no activation recomputation, which would rerun the layer
+    without this block): it selects the rows at the output projection's input (a forward
+    pre-hook) and takes the same rows of the residual in the bias-dropout-add.
+    """
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    decoder = getattr(gpt, "decoder", None)
+    layers = getattr(decoder, "layers", None)
+    layer = layers[-1] if layers is not None and len(layers) else None
+    usable = (
+        type(layer) is TransformerLayer
+        and not uses_transformer_engine()
+        and isinstance(layer.cross_attention, IdentityOp)
+        and not isinstance(layer.self_attn_bda, torch.nn.Module)
+        and layer.config.recompute_granularity is None
+        and not layer.config.sequence_parallel
+        and getattr(layer.self_attention, "linear_proj", None) is not None
+    )
+    if not usable:
+        yield False
+        return
+    bda = layer.self_attn_bda
+
+    def picking_bda(training, fused):
+        add = bda(training, fused)
+        return lambda x_with_bias, residual, prob: add(x_with_bias, _pick(residual, positions), prob)
+
+    def rows(module, args):
+        return (_pick(args[0], positions), *args[1:])
+
+    handle = layer.self_attention.linear_proj.register_forward_pre_hook(rows)
+    layer.self_attn_bda = picking_bda
+    try:
+        yield True
+    finally:
+        handle.remove()
+        layer.self_attn_bda = bda
 
 
 def _forward(model, batch: dict):

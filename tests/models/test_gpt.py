@@ -80,21 +80,60 @@ def test_logits_at_loss_positions_are_the_full_logits_there(tied, dist_world_of_
     assert 0 < len(at) < b * s and torch.equal(at, mask.reshape(-1).nonzero().squeeze(1))
     weights = torch.randn(len(at), 384, generator=g)
 
-    rows_seen = []
+    rows_seen, mlp_rows = [], []
     handle = model.output_layer.register_forward_hook(lambda m, args, out: rows_seen.append(out[0].shape[:2]))
+    handles = [layer.mlp.register_forward_hook(lambda m, args, out: mlp_rows.append(args[0].shape[:2]))
+               for layer in model.decoder.layers]
     full = forward_batch(model, batch)
     (full.reshape(-1, 384)[at] * weights).sum().backward()
     full_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     part = forward_batch(model, batch, logits_at=at)
     (part * weights).sum().backward()
-    handle.remove()
+    for h in [handle, *handles]:
+        h.remove()
 
     assert rows_seen == [(s, b), (len(at), 1)]  # the output layer saw the selected rows only
+    assert mlp_rows == [(s, b), (s, b), (s, b), (len(at), 1)]  # and so did the last layer's MLP
     assert part.shape == (len(at), 384)
     torch.testing.assert_close(part, full.reshape(-1, 384)[at], rtol=1e-5, atol=1e-5)
     for full_grad, p in zip(full_grads, model.parameters()):
         torch.testing.assert_close(p.grad, full_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_logits_at_in_a_packed_row_with_a_shared_prompt(dist_world_of_one):
+    """The same in a packed row (``thd``) whose third segment continues the second's first
+    three tokens (a shared prompt): the last layer works on the loss tokens only and the
+    logits and gradients are the full forward's there. Under activation recomputation (which
+    reruns the layer outside the selection) the last layer keeps every token."""
+    from nemo_aligner.models.forward import _last_layer_rows, forward_batch, loss_positions
+
+    g = torch.Generator().manual_seed(2)
+    lengths, starts = [8, 6, 5], [0, 0, 3]
+    batch = {"tokens": torch.randint(0, 300, (1, sum(lengths)), generator=g),
+             "position_ids": torch.cat([torch.arange(a, a + n) for a, n in zip(starts, lengths)])[None],
+             "loss_mask": (torch.rand(1, sum(lengths), generator=g) > 0.5).long(),
+             "cu_seqlens": torch.tensor([0, 8, 14, 19]), "max_seqlen": 8, "prefix_lens": torch.tensor([0, 0, 3])}
+    at = loss_positions(batch)
+    model = build_gpt_model(BASE, 300, seed=1)
+    weights = torch.randn(len(at), 384, generator=g)
+    full = forward_batch(model, batch)
+    (full.reshape(-1, 384)[at] * weights).sum().backward()
+    full_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    mlp_rows = []
+    handle = model.decoder.layers[-1].mlp.register_forward_hook(lambda m, args, out: mlp_rows.append(args[0].shape[0]))
+    part = forward_batch(model, batch, logits_at=at)
+    (part * weights).sum().backward()
+    handle.remove()
+    assert mlp_rows == [len(at)] and len(at) < sum(lengths)
+    torch.testing.assert_close(part, full.reshape(-1, 384)[at], rtol=1e-5, atol=1e-5)
+    for full_grad, p in zip(full_grads, model.parameters()):
+        torch.testing.assert_close(p.grad, full_grad, rtol=1e-4, atol=1e-6)
+
+    model.config.recompute_granularity = "full"
+    with _last_layer_rows(model, at) as selected:
+        assert not selected
 
 
 def test_forward_only_collect_passes_logits_at(dist_world_of_one):
