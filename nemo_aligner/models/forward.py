@@ -9,6 +9,8 @@ from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from nemo_aligner.models.gpt import uses_transformer_engine
 from nemo_aligner.utils.cpu_support import cuda_on_cpu, native_torch
@@ -122,9 +124,6 @@ def _last_layer_rows(gpt, positions: torch.Tensor):
     without this block): it selects the rows at the output projection's input (a forward
     pre-hook) and takes the same rows of the residual in the bias-dropout-add.
     """
-    from megatron.core.transformer.identity_op import IdentityOp
-    from megatron.core.transformer.transformer_layer import TransformerLayer
-
     decoder = getattr(gpt, "decoder", None)
     layers = getattr(decoder, "layers", None)
     layer = layers[-1] if layers is not None and len(layers) else None

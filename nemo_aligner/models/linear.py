@@ -52,6 +52,7 @@ def _into_main_grad(weight) -> bool:
         and torch.is_grad_enabled()
         and hasattr(weight, "grad_added_to_main_grad")
         and getattr(weight, "main_grad", None) is not None
+        and weight.main_grad.dtype == weight.dtype
         # a tied embedding: the embedding's own gradient reaches .grad, which the flag would drop
         and not getattr(weight, "shared", False)
         and not getattr(weight, "shared_embedding", False)
@@ -80,7 +81,7 @@ class _LinearIntoMainGrad(torch.autograd.Function):
 
 def _linear(x, weight):
     """``F.linear(x, weight)`` for a layer's own weight: into ``main_grad`` where it can be."""
-    if _into_main_grad(weight) and weight.main_grad.dtype == weight.dtype:
+    if _into_main_grad(weight):
         return _LinearIntoMainGrad.apply(x, weight)
     return F.linear(x, weight)
 

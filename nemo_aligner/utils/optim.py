@@ -97,7 +97,7 @@ def wrap_ddp(model, model_cfg):
     return ddp
 
 
-def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+def _l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """Megatron's ``local_multi_tensor_l2_norm`` (the norm of all of ``tensor_lists[0]``
     as one vector, a ``[1]`` float32 tensor) without the fallback's per-tensor read-back to
     Python.
@@ -130,13 +130,13 @@ def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
 
 def _foreach_grad_norm_and_clipping() -> None:
     """Where Megatron falls back to its per-tensor loops for the gradient norm and clipping
-    (no Apex, no Transformer Engine: on CPU), use :func:`_foreach_l2_norm` and
+    (no Apex, no Transformer Engine: on CPU), use :func:`_l2_norm` (BLAS dots) and
     :func:`_foreach_scale` (~60 small ops a step for a 2-layer model otherwise)."""
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads
 
     if clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm:
-        clip_grads.l2_norm_impl = _foreach_l2_norm
+        clip_grads.l2_norm_impl = _l2_norm
     if clip_grads.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
         clip_grads.multi_tensor_scale_impl = _foreach_scale
 

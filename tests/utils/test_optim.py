@@ -183,11 +183,11 @@ def test_foreach_grad_norm_and_clipping_match_megatrons_fallback(dist_world_of_o
     from megatron.core.optimizer import clip_grads
 
     from nemo_aligner.utils.cpu_support import cuda_on_cpu
-    from nemo_aligner.utils.optim import _foreach_l2_norm, _foreach_scale
+    from nemo_aligner.utils.optim import _l2_norm, _foreach_scale
 
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(*shape, generator=g) * scale for shape, scale in (((7, 5), 1.0), ((3,), 40.0), ((64, 32), 0.01))]
-    ours, _ = _foreach_l2_norm(2048, None, [grads], False)
+    ours, _ = _l2_norm(2048, None, [grads], False)
     with cuda_on_cpu():  # the fallback returns a "cuda" tensor
         theirs, _ = utils.local_multi_tensor_l2_norm(2048, None, [grads], False)
     expected = torch.cat([g_.reshape(-1) for g_ in grads]).double().norm()
@@ -197,10 +197,10 @@ def test_foreach_grad_norm_and_clipping_match_megatrons_fallback(dist_world_of_o
     # a large gradient: BLAS's dot sums to ~1e-7 of float64's answer (torch's CPU norm, the
     # foreach kernel, is ~2e-5 off here)
     large = torch.randn(1_441_792, generator=g)
-    ours, _ = _foreach_l2_norm(2048, None, [[large, grads[1]]], False)
+    ours, _ = _l2_norm(2048, None, [[large, grads[1]]], False)
     expected = torch.cat([large, grads[1]]).double().norm()
     torch.testing.assert_close(ours.double()[0], expected, rtol=1e-6, atol=0)
-    assert _foreach_l2_norm(2048, None, [[]], False)[0].tolist() == [0.0]
+    assert _l2_norm(2048, None, [[]], False)[0].tolist() == [0.0]
 
     clipped, reference = [t.clone() for t in grads], [t.clone() for t in grads]
     _foreach_scale(2048, None, [clipped, clipped], 0.3)
@@ -211,4 +211,4 @@ def test_foreach_grad_norm_and_clipping_match_megatrons_fallback(dist_world_of_o
     assert all(torch.equal(a, b) for a, b in zip(out, reference))
 
     run_steps()  # builds an optimizer
-    assert clip_grads.l2_norm_impl is _foreach_l2_norm and clip_grads.multi_tensor_scale_impl is _foreach_scale
+    assert clip_grads.l2_norm_impl is _l2_norm and clip_grads.multi_tensor_scale_impl is _foreach_scale
